@@ -108,10 +108,12 @@ class CosinePath(AffinePath):
         return torch.sin(0.5 * math.pi * t)
 
     def sigma(self, t):
-        return torch.cos(0.5 * math.pi * t)
+        # sin(pi (1 - t) / 2), not cos(pi t / 2): exactly 0 at t = 1 (cos(pi / 2) is 6e-17 in
+        # float64 and -4e-8 in float32, which gives a finite, huge log-SNR at the data end)
+        return torch.sin(0.5 * math.pi * (1 - t))
 
     def d_alpha(self, t):
-        return 0.5 * math.pi * torch.cos(0.5 * math.pi * t)
+        return 0.5 * math.pi * torch.sin(0.5 * math.pi * (1 - t))
 
     def d_sigma(self, t):
         return -0.5 * math.pi * torch.sin(0.5 * math.pi * t)

@@ -14,6 +14,7 @@ at every grid point.
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field as dc_field
 from typing import Callable
@@ -81,8 +82,12 @@ class _Counter:
 
     def __call__(self, x: Tensor, t: Tensor | float) -> Tensor:
         self.nfe += 1
-        if not torch.is_tensor(t) or t.ndim == 0:
+        if not torch.is_tensor(t):
             t = torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype)
+        elif t.ndim == 0:
+            # keep t's graph: torchdiffeq's step times depend on the state (initial step selection), and
+            # cutting them here (float(t)) makes differentiable solves return inconsistent gradients
+            t = t.to(device=x.device, dtype=x.dtype).expand(x.shape[0]).clone()
         return self.field(x, t.to(x.dtype))
 
 
@@ -174,7 +179,7 @@ class MultistepSolver(Solver):
     def _coef(self, t: float):
         tt = torch.tensor([t], dtype=torch.float64)
         a, s = float(self.path.alpha(tt)), float(self.path.sigma(tt))
-        lam = float(torch.log(torch.tensor(a / s))) if a > 0 and s > 0 else (float("-inf") if a <= 0 else float("inf"))
+        lam = math.log(a / s) if a > 0 and s > 0 else (float("-inf") if a <= 0 else float("inf"))
         return a, s, lam
 
     def step(self, f, x, t, t_next, i, n):

@@ -1,0 +1,4 @@
+from .flow_pipeline import FlowPipeline, FlowPipelineOutput
+from .scheduling_flow import FlowScheduler
+
+__all__ = ["FlowPipeline", "FlowPipelineOutput", "FlowScheduler"]

@@ -1,0 +1,162 @@
+"""``FlowPipeline``: sample a flowlab velocity model like any diffusers pipeline."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor
+
+from .. import models as _models  # noqa: F401  (diffusers' loader needs the component modules imported)
+from ..flow.guidance import guided_field
+from .scheduling_flow import FlowScheduler
+
+__all__ = ["FlowPipeline", "FlowPipelineOutput"]
+
+
+@dataclass
+class FlowPipelineOutput(ImagePipelineOutput):
+    """``images``: PIL list, numpy ``(B, H, W, C)`` in [0, 1], or tensor ``(B, C, H, W)`` in [0, 1]
+    (vector models: ``(B, D)`` samples as drawn). ``nfe``: network evaluations used.
+    ``trajectory``: states at every grid time (model space), when asked for."""
+
+    nfe: int = 0
+    trajectory: list | None = None
+
+
+class FlowPipeline(DiffusionPipeline):
+    """Sample a velocity model by integrating ``dx/dt = v(x, t)`` from noise (t=0) to data (t=1).
+
+    Components:
+        velocity_model: a flowlab velocity network (``MLPVelocity``, ``UNetVelocity``, ``DiTVelocity``)
+            taking ``(x, t, class_labels)``.
+        scheduler: a :class:`FlowScheduler` with the path, prediction type and sampling defaults.
+
+    Example::
+
+        pipe = FlowPipeline.from_pretrained("runs/quickstart/pipeline")
+        out = pipe(batch_size=64, num_inference_steps=8, solver="heun",
+                   generator=torch.Generator().manual_seed(0), output_type="np")
+    """
+
+    model_cpu_offload_seq = "velocity_model"
+
+    def __init__(self, velocity_model, scheduler: FlowScheduler):
+        super().__init__()
+        self.register_modules(velocity_model=velocity_model, scheduler=scheduler)
+
+    @property
+    def is_image_model(self) -> bool:
+        return len(self.velocity_model.sample_shape) == 3
+
+    def _labels(self, class_labels, batch_size: int) -> tuple[Tensor | None, int]:
+        if class_labels is None:
+            return None, batch_size
+        num_classes = self.velocity_model.num_classes
+        if num_classes == 0:
+            raise ValueError("class_labels were given, but this pipeline's model is unconditional (num_classes=0)")
+        if isinstance(class_labels, int):
+            labels = torch.full((batch_size,), class_labels, dtype=torch.long)
+        else:
+            labels = torch.as_tensor(list(class_labels) if not torch.is_tensor(class_labels) else class_labels).long().reshape(-1)
+            if batch_size not in (1, len(labels)):
+                raise ValueError(f"got {len(labels)} class_labels for batch_size={batch_size}; pass one label per sample or a single int")
+            batch_size = len(labels)
+        if (labels < 0).any() or (labels >= num_classes).any():
+            raise ValueError(f"class_labels must lie in [0, {num_classes - 1}], got {labels.tolist()}")
+        return labels.to(self.device), batch_size
+
+    def velocity_field(self, class_labels: Tensor | None = None, guidance_scale: float = 1.0):
+        """The (guided) velocity ``(x, t) -> v`` of this pipeline's model, in flowlab time."""
+        model = self.velocity_model
+        sched = self.scheduler
+
+        def model_fn(x, t, labels):
+            out = model(x, t.to(x.dtype), labels)
+            return sched.to_velocity(out, x, t)
+
+        return guided_field(model_fn, class_labels, guidance_scale, model.null_label)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int | None = None,
+        solver: str | None = None,
+        shift: float | None = None,
+        class_labels: int | Sequence[int] | Tensor | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        return_trajectory: bool = False,
+    ) -> FlowPipelineOutput | tuple:
+        """Draw samples.
+
+        Args:
+            batch_size: number of samples (overridden by the length of ``class_labels`` if a list).
+            num_inference_steps: solver steps (default: the scheduler's); ignored by ``dopri5``.
+            solver: ``euler``, ``midpoint``, ``heun``, ``multistep`` or ``dopri5`` (default: the scheduler's).
+            shift: SD3 time shift of the step grid (default: the scheduler's).
+            class_labels: an int for every sample, or one label per sample (class-conditional models).
+            guidance_scale: classifier-free guidance weight (1 = plain conditional sampling).
+            generator: RNG(s) for the initial noise.
+            latents: initial noise ``(B, *sample_shape)`` instead of drawing it.
+            output_type: ``pil``, ``np`` or ``pt`` (images in [0, 1]); vector models return raw samples.
+            return_trajectory: also return the states at every grid time.
+        """
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        if output_type == "pil" and not self.is_image_model:
+            raise ValueError("output_type='pil' needs an image model; this pipeline draws vectors: use 'np' or 'pt'")
+        labels, batch_size = self._labels(class_labels, batch_size)
+        guidance_scale = self.scheduler.config.guidance_scale if guidance_scale is None else guidance_scale
+        if guidance_scale != 1.0 and labels is None:
+            raise ValueError("guidance_scale != 1 needs class_labels (classifier-free guidance of a class-conditional model)")
+        dtype = self.velocity_model.dtype
+        shape = (batch_size, *self.velocity_model.sample_shape)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        latents = latents.to(self.device, dtype)
+
+        solver_obj = self.scheduler.make_solver(solver)
+        times = self.scheduler.set_timesteps(num_inference_steps, device=self.device, shift=shift)
+        field = self.velocity_field(labels, guidance_scale)
+        expected = None if solver_obj.name == "dopri5" else solver_obj.nfe_per_step * (len(times) - 1)
+        with self.progress_bar(total=expected) as bar:
+
+            def counted(x, t):
+                v = field(x, t)
+                bar.update()
+                return v
+
+            out = solver_obj.solve(counted, latents, times, return_trajectory=return_trajectory)
+
+        images = out.x
+        if output_type != "latent" and self.is_image_model:
+            images = ((images.float() + 1) / 2).clamp(0, 1)
+        if output_type in ("np", "pil"):
+            images = images.float().cpu().numpy()
+            if self.is_image_model:
+                images = images.transpose(0, 2, 3, 1)
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return FlowPipelineOutput(images=images, nfe=out.nfe, trajectory=out.trajectory)
+
+    @staticmethod
+    def numpy_to_pil(images: np.ndarray):
+        from PIL import Image
+
+        images = (images * 255).round().astype("uint8")
+        if images.shape[-1] == 1:
+            return [Image.fromarray(img[..., 0], mode="L") for img in images]
+        return [Image.fromarray(img) for img in images]

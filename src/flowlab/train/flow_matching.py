@@ -1,0 +1,146 @@
+"""The flow-matching recipe: train a velocity model on images or vectors, save a ``FlowPipeline``."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..data import build_dataset
+from ..flow import FlowMatchingLoss, build_coupling, build_time_sampler, get_path
+from ..models import MODEL_TYPES, set_attention_backend
+from ..pipelines import FlowPipeline, FlowScheduler
+from .config import Config, ConfigError
+from .recipe import Recipe, StepContext, StepOutput, register_recipe
+
+__all__ = ["FlowMatchingRecipe", "build_velocity_model", "build_scheduler"]
+
+
+def build_velocity_model(config: Config, sample_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A velocity network from ``model.*`` (or ``model.pretrained``) for samples of ``sample_shape``."""
+    m = config.model
+    if m.pretrained:
+        model = FlowPipeline.from_pretrained(m.pretrained).velocity_model
+        if tuple(model.sample_shape) != tuple(sample_shape):
+            raise ConfigError(f"model.pretrained: {m.pretrained} draws samples of shape {model.sample_shape}, the data has {sample_shape}")
+        return model
+    if m.type in ("unet", "dit") and len(sample_shape) != 3:
+        raise ConfigError(f"model.type={m.type} needs image data (C, H, W); data.name={config.data.name} gives {sample_shape}: use model.type=mlp")
+    common = {"sample_shape": tuple(sample_shape), "num_classes": num_classes, "dropout": m.dropout}
+    if m.type == "mlp":
+        model = MODEL_TYPES["mlp"](hidden_dim=m.hidden_dim, depth=m.depth, time_embed_dim=m.time_embed_dim, **common)
+    elif m.type == "unet":
+        model = MODEL_TYPES["unet"](
+            block_out_channels=tuple(m.block_out_channels),
+            down_block_types=tuple(m.down_block_types),
+            up_block_types=tuple(m.up_block_types),
+            layers_per_block=m.layers_per_block,
+            attention_head_dim=m.attention_head_dim,
+            norm_num_groups=m.norm_num_groups,
+            **common,
+        )
+    else:
+        model = MODEL_TYPES["dit"](
+            num_layers=m.num_layers, num_attention_heads=m.num_attention_heads, attention_head_dim=m.attention_head_dim, patch_size=m.patch_size, **common
+        )
+    set_attention_backend(model, m.attention)
+    return model
+
+
+def build_scheduler(config: Config) -> FlowScheduler:
+    """The ``FlowScheduler`` saved with the pipeline: training path + sampling defaults."""
+    return FlowScheduler(
+        path=config.flow.path,
+        prediction_type=config.flow.prediction_type,
+        solver=config.sample.solver,
+        num_inference_steps=config.sample.num_inference_steps,
+        shift=config.sample.shift,
+        guidance_scale=config.sample.guidance_scale,
+    )
+
+
+@register_recipe("flow_matching")
+class FlowMatchingRecipe(Recipe):
+    """Conditional flow matching (``recipe: flow_matching``).
+
+    Class-conditional models (``model.class_conditional: true``) are trained with label
+    dropout ``model.label_dropout`` to the null class, for classifier-free guidance.
+    """
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        f = config.flow
+        self.loss = FlowMatchingLoss(
+            path=get_path(f.path),
+            time_sampler=build_time_sampler(f.time_sampler, mean=f.logit_mean, std=f.logit_std, mode_scale=f.mode_scale, shift=f.shift),
+            coupling=build_coupling(f.coupling),
+            prediction_type=f.prediction_type,
+            weighting=f.loss_weighting,
+        )
+        self.scheduler = build_scheduler(config)
+        self.num_classes = 0
+
+    def build_dataset(self):
+        return build_dataset(self.config.data, self.config.seed)
+
+    def build_model(self, dataset):
+        if self.config.model.class_conditional:
+            if getattr(dataset, "num_classes", 0) <= 0:
+                raise ConfigError(
+                    f"model.class_conditional: the dataset {self.config.data.name!r} has no labels "
+                    "(set data.label_column for image datasets, or model.class_conditional=false)"
+                )
+            self.num_classes = dataset.num_classes
+        self.sample_shape = tuple(dataset.sample_shape)
+        self.kind = getattr(dataset, "kind", "image" if len(self.sample_shape) == 3 else "vector")
+        return build_velocity_model(self.config, self.sample_shape, self.num_classes)
+
+    def training_step(self, model, batch, ctx: StepContext) -> StepOutput:
+        x1 = batch["x"]
+        labels = None
+        if self.num_classes > 0:
+            labels = batch["label"].long()
+            drop = ctx.rand() < self.config.model.label_dropout
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        # Draw noise and times for the global batch, in a fixed order, then slice (see StepContext).
+        x0 = ctx.randn(*x1.shape[1:]).to(x1.dtype)
+        t = ctx.draw(self.loss.time_sampler.sample)
+        out = self.loss(lambda xt, tt: model(xt, tt, labels), x1, x_0=x0, t=t)
+        return StepOutput(loss=out.loss)
+
+    def pipeline(self, model) -> FlowPipeline:
+        pipe = FlowPipeline(velocity_model=model, scheduler=self.scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _sample(self, model, n: int, generator, solver=None, steps=None) -> torch.Tensor:
+        pipe = self.pipeline(model)
+        labels = torch.arange(n) % self.num_classes if self.num_classes > 0 else None
+        out = pipe(batch_size=n, class_labels=labels, generator=generator, output_type="pt", solver=solver, num_inference_steps=steps)
+        return out.images
+
+    @torch.no_grad()
+    def sample_images(self, model, num_images, generator):
+        return self._sample(model, num_images, generator)
+
+    def evaluate(self, model, generator) -> dict:
+        cfg = self.config
+        e = cfg.eval
+        name = cfg.data.name
+        if name == "digits":
+            from ..metrics.digits import DigitsEvaluator
+
+            samples = torch.cat(
+                [self._sample(model, min(500, e.num_samples - i), generator, e.solver, e.num_inference_steps) for i in range(0, e.num_samples, 500)]
+            )
+            res = DigitsEvaluator.load().evaluate(samples, value_range="unit")
+            return {k: res[k] for k in ("fd", "floor", "confidence")} | {"class_hist": res["class_hist"]}
+        if self.kind == "vector" and self.sample_shape == (2,):
+            from ..data import sample_toy2d
+            from ..metrics.vectors import sliced_wasserstein
+
+            samples = self._sample(model, e.num_samples, generator, e.solver, e.num_inference_steps)
+            ref = sample_toy2d(name, e.num_samples, seed=cfg.seed + 12345)
+            return {"sliced_w2": sliced_wasserstein(samples, ref, generator=torch.Generator().manual_seed(0))}
+        return {}
+
+    def save_final(self, model, directory: str) -> None:
+        self.pipeline(model).save_pretrained(directory)

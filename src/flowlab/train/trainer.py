@@ -1,0 +1,451 @@
+"""One accelerate training loop for every recipe.
+
+Responsibilities: process/device set-up (logged at start), deterministic data order and
+per-step randomness, gradient accumulation (``no_sync`` on all but the last micro-step),
+mixed precision, clipping, EMA, warm-up + LR schedule, non-finite loss handling,
+atomic checkpoints with ``accelerator.save_state`` and exact resume, trackers,
+``metrics.jsonl``, sample grids and periodic evaluation, and the final artefact.
+
+``train.batch_size`` is the *global* batch per optimiser step: each of ``P`` processes
+gets ``batch_size / (P * grad_accum_steps)`` examples per micro-step, so a run gives the
+same result (up to float round-off) on any number of processes.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .checkpoint import (
+    CHECKPOINT_PREFIX,
+    CheckpointError,
+    finalize_checkpoint,
+    find_resume_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    replace_dir_atomic,
+    verify_checkpoint,
+)
+from .config import Config, ConfigError, config_to_dict
+from .images import save_sample_grid
+from .recipe import Recipe, StepContext
+
+__all__ = ["Trainer", "TrainingError"]
+
+logger = logging.getLogger("flowlab")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite losses in a row)."""
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+class _IndexStream:
+    """Deterministic example order: epoch ``e`` is ``randperm(N)`` seeded by ``(seed, e)``.
+
+    ``indices(pos, n)`` returns global examples ``pos .. pos + n`` of the infinite stream.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._cache:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._cache = {epoch: torch.randperm(self.n, generator=g), **{k: v for k, v in self._cache.items() if k >= epoch - 1}}
+        return self._cache[epoch]
+
+    def indices(self, pos: int, count: int) -> torch.Tensor:
+        out, got = [], 0
+        while got < count:
+            epoch, off = divmod(pos + got, self.n)
+            take = min(count - got, self.n - off)
+            out.append(self._perm(epoch)[off : off + take])
+            got += take
+        return torch.cat(out)
+
+
+class Trainer:
+    """Train ``recipe`` as configured by ``config``.
+
+    Args:
+        config: the validated run configuration.
+        recipe: the training method (built from ``config.recipe`` if omitted).
+        accelerator: an existing ``Accelerator`` (one is created from the config otherwise).
+    """
+
+    def __init__(self, config: Config, recipe: Recipe | None = None, accelerator: Accelerator | None = None):
+        from .recipe import get_recipe
+
+        self.config = config
+        self.recipe = recipe or get_recipe(config)
+        self.output_dir = Path(config.output_dir)
+        self.ckpt_dir = self.output_dir / "checkpoints"
+        t = config.train
+        if accelerator is None:
+            if t.mixed_precision == "fp16" and not torch.cuda.is_available():
+                raise ConfigError("train.mixed_precision: fp16 needs a CUDA device; use bf16 or no on CPU")
+            log_with = None if t.report_to == "none" else t.report_to
+            accelerator = Accelerator(
+                mixed_precision=t.mixed_precision,
+                log_with=log_with,
+                project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+            )
+        self.accelerator = accelerator
+        P = accelerator.num_processes
+        if t.batch_size % (P * t.grad_accum_steps):
+            raise ConfigError(
+                f"train.batch_size: the global batch {t.batch_size} must be divisible by processes ({P}) x "
+                f"train.grad_accum_steps ({t.grad_accum_steps})"
+            )
+        self.micro_global = t.batch_size // t.grad_accum_steps
+        self.micro_local = self.micro_global // P
+
+    # ------------------------------------------------------------------ set-up
+    def _prepare_output_dir(self) -> None:
+        t = self.config.train
+        acc = self.accelerator
+        has_run = bool(list_checkpoints(self.ckpt_dir)) or (self.output_dir / "metrics.jsonl").exists()
+        if has_run and t.resume is None:
+            if not t.overwrite:
+                raise ConfigError(
+                    f"output_dir: {self.output_dir} already holds a run (checkpoints or metrics.jsonl). "
+                    "Continue it with train.resume=latest, start afresh with train.overwrite=true, "
+                    "or choose another output_dir."
+                )
+            if acc.is_main_process:
+                for name in ("checkpoints", "samples", "logs", "pipeline", "metrics.jsonl"):
+                    p = self.output_dir / name
+                    if p.is_dir():
+                        shutil.rmtree(p)
+                    elif p.exists():
+                        p.unlink()
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "samples").mkdir(exist_ok=True)
+            self.ckpt_dir.mkdir(exist_ok=True)
+            with open(self.output_dir / "config.yaml", "w") as f:
+                import yaml
+
+                yaml.safe_dump(config_to_dict(self.config), f, sort_keys=False)
+        acc.wait_for_everyone()
+
+    def _build(self) -> None:
+        cfg, t, acc = self.config, self.config.train, self.accelerator
+        set_seed(cfg.seed)
+        self.dataset = self.recipe.build_dataset()
+        if len(self.dataset) == 0:
+            raise ConfigError(f"data: the dataset {cfg.data.name!r} is empty")
+        model = self.recipe.build_model(self.dataset)
+        params = self.recipe.parameters(model)
+        optimizer = torch.optim.AdamW(
+            params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay
+        )
+        # The LR schedule is stepped once per optimiser step by us (not prepared: accelerate would
+        # step it once per process, which assumes a per-device batch).
+        self.lr_scheduler = get_scheduler(
+            t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps
+        )
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.ema = EMAModel(self.model.parameters(), decay=t.ema_decay, foreach=True)
+        self.ema.to(acc.device)
+        acc.register_for_checkpointing(self.lr_scheduler, self.ema)
+        self._ema_copy = None
+        self.stream = _IndexStream(len(self.dataset), cfg.seed)
+        self.in_memory = hasattr(self.dataset, "get_batch")
+
+    def ema_model(self) -> torch.nn.Module:
+        """A copy of the unwrapped model holding the EMA weights (for sampling, evaluation, saving)."""
+        if self._ema_copy is None:
+            self._ema_copy = copy.deepcopy(self.accelerator.unwrap_model(self.model))
+            self._ema_copy.requires_grad_(False)
+        self.ema.copy_to(self._ema_copy.parameters())
+        self._ema_copy.eval()
+        return self._ema_copy
+
+    def _log_startup(self) -> None:
+        acc, t = self.accelerator, self.config.train
+        n_params = sum(p.numel() for p in acc.unwrap_model(self.model).parameters())
+        acc.print(
+            f"flowlab: recipe={self.config.recipe} | {acc.num_processes} process(es) "
+            f"[{acc.distributed_type.value}] on {acc.device} | mixed precision {acc.mixed_precision} | "
+            f"global batch {t.batch_size} = {acc.num_processes} x {self.micro_local} x {t.grad_accum_steps} accum | "
+            f"{len(self.dataset)} examples | {type(acc.unwrap_model(self.model)).__name__} {n_params / 1e6:.2f}M params | "
+            f"output {self.output_dir}"
+        )
+
+    # ------------------------------------------------------------------ data
+    def _batch(self, step: int, micro: int):
+        pos = (step * self.config.train.grad_accum_steps + micro) * self.micro_global
+        idx = self.stream.indices(pos, self.micro_global)
+        rank = self.accelerator.process_index
+        local = idx[rank * self.micro_local : (rank + 1) * self.micro_local]
+        if self.in_memory:
+            batch = self.dataset.get_batch(local)
+        else:
+            batch = torch.utils.data.default_collate([self.dataset[int(i)] for i in local])
+        return {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _batches(self, start_step: int):
+        """Yield ``(step, micro, batch)`` from ``start_step`` on; uses worker processes when asked."""
+        t = self.config.train
+        workers = self.config.data.num_workers
+        if self.in_memory or workers == 0:
+            step = start_step
+            while True:
+                for micro in range(t.grad_accum_steps):
+                    yield step, micro, self._batch(step, micro)
+                step += 1
+        rank = self.accelerator.process_index
+        total = t.max_steps * t.grad_accum_steps
+
+        def local_indices():
+            for k in range(start_step * t.grad_accum_steps, total):
+                idx = self.stream.indices(k * self.micro_global, self.micro_global)
+                yield idx[rank * self.micro_local : (rank + 1) * self.micro_local].tolist()
+
+        loader = DataLoader(self.dataset, batch_sampler=list(local_indices()), num_workers=workers)
+        for k, batch in enumerate(loader, start=start_step * t.grad_accum_steps):
+            step, micro = divmod(k, t.grad_accum_steps)
+            yield step, micro, {kk: v.to(self.accelerator.device) if torch.is_tensor(v) else v for kk, v in batch.items()}
+
+    def _context(self, step: int, micro: int) -> StepContext:
+        """Randomness for the whole optimiser step's global batch, sliced to (micro-step, process):
+        row ``j`` of the step's batch gets the same data and noise under any process count or
+        accumulation."""
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+        start = micro * self.micro_global + self.accelerator.process_index * self.micro_local
+        return StepContext(step, micro, g, self.config.train.batch_size, start, start + self.micro_local, self.accelerator.device)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, step: int) -> Path:
+        acc = self.accelerator
+        final = self.ckpt_dir / f"{CHECKPOINT_PREFIX}{step}"
+        tmp = self.ckpt_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
+        if acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            finalize_checkpoint(tmp, final, {"step": step, "recipe": self.config.recipe, "seed": self.config.seed})
+            prune_checkpoints(self.ckpt_dir, self.config.train.checkpoints_total_limit)
+        acc.wait_for_everyone()
+        return final
+
+    def _resume(self) -> int:
+        t, acc = self.config.train, self.accelerator
+        if t.resume is None:
+            return 0
+        if t.resume == "latest":
+            found = find_resume_checkpoint(self.ckpt_dir)
+            if found is None:
+                acc.print(f"flowlab: train.resume=latest but {self.ckpt_dir} has no valid checkpoint; starting from step 0")
+                return 0
+            path, state = found
+        else:
+            path = Path(t.resume)
+            try:
+                state = verify_checkpoint(path)
+            except CheckpointError as e:
+                raise ConfigError(f"train.resume: {e}") from None
+        acc.load_state(str(path))
+        step = int(state["step"])
+        acc.print(f"flowlab: resumed from {path} at step {step}")
+        if acc.is_main_process:
+            self._trim_metrics(step)
+        return step
+
+    def _trim_metrics(self, step: int) -> None:
+        """Drop metrics logged after ``step`` by an interrupted run, so the file reads as one run."""
+        path = self.output_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the kill
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------ logging
+    def _write_metrics(self, record: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _sample_and_eval(self, step: int, sample: bool, evaluate: bool) -> dict:
+        acc, cfg = self.accelerator, self.config
+        out: dict = {}
+        if acc.is_main_process and (sample or evaluate):
+            model = self.ema_model()
+            if sample:
+                g = torch.Generator().manual_seed(cfg.seed)
+                imgs = self.recipe.sample_images(model, cfg.sample.num_images, g)
+                if imgs is not None:
+                    save_sample_grid(imgs, self.output_dir / "samples" / f"step_{step:07d}.png")
+            if evaluate and cfg.eval.enabled:
+                g = torch.Generator().manual_seed(cfg.seed + 1)
+                out = {f"eval/{k}": v for k, v in self.recipe.evaluate(model, g).items()}
+                if out:
+                    self._write_metrics({"step": step, **out})
+                    scalars = {k: v for k, v in out.items() if isinstance(v, (int, float))}
+                    if scalars:
+                        acc.log(scalars, step=step)
+                    acc.print("flowlab: step %d eval %s" % (step, ", ".join(f"{k[5:]}={v:.4g}" for k, v in scalars.items())))
+        acc.wait_for_everyone()
+        return out
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict:
+        """Run training to ``train.max_steps``; returns the final evaluation numbers."""
+        cfg, t, acc = self.config, self.config.train, self.accelerator
+        self._prepare_output_dir()
+        self._build()
+        self._log_startup()
+        step = self._resume()
+        if acc.is_main_process and t.report_to != "none":
+            acc.init_trackers("flowlab", config=_flatten(config_to_dict(cfg)))
+        model, optimizer = self.model, self.optimizer
+        model.train()
+        nonfinite_run, window_loss, window_n, window_skipped = 0, torch.zeros((), device=acc.device), 0, 0
+        grad_norm = torch.zeros((), device=acc.device)
+        window_start, window_steps = time.perf_counter(), 0
+        extra_logs: dict = {}
+        bar = tqdm(total=t.max_steps, initial=step, desc="training", disable=not acc.is_local_main_process, dynamic_ncols=True)
+        batches = self._batches(step)
+        while step < t.max_steps:
+            finite = True
+            step_loss = torch.zeros((), device=acc.device)
+            for micro in range(t.grad_accum_steps):
+                _, _, batch = next(batches)
+                ctx = self._context(step, micro)
+                last = micro == t.grad_accum_steps - 1
+                sync = (lambda: contextlib.nullcontext()) if last else (lambda: acc.no_sync(model))
+                with sync(), acc.autocast():
+                    out = self.recipe.training_step(model, batch, ctx)
+                loss = out.loss
+                ok = torch.isfinite(loss.detach()).float()
+                if acc.num_processes > 1:
+                    ok = acc.reduce(ok, reduction="mean")
+                if ok.item() < 1.0:
+                    finite = False
+                    break
+                with sync():
+                    acc.backward(loss / t.grad_accum_steps)
+                step_loss += loss.detach() / t.grad_accum_steps
+                extra_logs = out.logs
+            if finite:
+                if t.max_grad_norm > 0:
+                    grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                optimizer.step()
+                self.lr_scheduler.step()
+                self.ema.step(model.parameters())
+                nonfinite_run = 0
+                window_loss += step_loss
+                window_n += 1
+            else:
+                nonfinite_run += 1
+                window_skipped += 1
+                acc.print(f"flowlab: non-finite loss at step {step}; step skipped ({nonfinite_run} in a row)")
+                self._write_metrics({"step": step, "nonfinite_loss": True})
+                if nonfinite_run >= t.max_nonfinite_steps:
+                    raise TrainingError(
+                        f"{nonfinite_run} non-finite losses in a row (train.max_nonfinite_steps={t.max_nonfinite_steps}); "
+                        "lower train.lr, enable clipping (train.max_grad_norm) or check the data for NaN/inf"
+                    )
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_steps += 1
+            bar.update(1)
+
+            if step % t.log_every == 0 or step == t.max_steps:
+                elapsed = time.perf_counter() - window_start
+                mean_loss = acc.reduce(window_loss / max(window_n, 1), reduction="mean").item()
+                record = {
+                    "step": step,
+                    "loss": mean_loss,
+                    "lr": self.lr_scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "samples_per_sec": window_steps * t.batch_size / max(elapsed, 1e-9),
+                    "steps_per_sec": window_steps / max(elapsed, 1e-9),
+                    "skipped_steps": window_skipped,
+                }
+                for k, v in extra_logs.items():
+                    record[k] = float(v)
+                self._write_metrics(record)
+                acc.log({k: v for k, v in record.items() if k != "step"}, step=step)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
+                window_loss.zero_()
+                window_n = window_skipped = window_steps = 0
+                window_start = time.perf_counter()
+
+            done = step == t.max_steps
+            sample_now = done or (cfg.sample.every > 0 and step % cfg.sample.every == 0)
+            eval_now = done or (cfg.eval.every > 0 and step % cfg.eval.every == 0)
+            if sample_now or eval_now:
+                self._sample_and_eval(step, sample_now, eval_now)
+            if done or (t.checkpoint_every > 0 and step % t.checkpoint_every == 0):
+                self.save_checkpoint(step)
+            if sample_now or eval_now or done:
+                window_start = time.perf_counter()  # keep throughput a measure of training alone
+        bar.close()
+        final = self._finish()
+        acc.end_training()
+        return final
+
+    def _finish(self) -> dict:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            final_dir = self.output_dir / self.recipe.artifact_name
+            tmp = self.output_dir / f".tmp-{self.recipe.artifact_name}"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            self.recipe.save_final(self.ema_model(), str(tmp))
+            if tmp.exists():
+                replace_dir_atomic(tmp, final_dir)
+                acc.print(f"flowlab: saved {final_dir}")
+        acc.wait_for_everyone()
+        return self._last_eval()
+
+    def _last_eval(self) -> dict:
+        path = self.output_dir / "metrics.jsonl"
+        last: dict = {}
+        if self.accelerator.is_main_process and path.exists():
+            for line in path.read_text().splitlines():
+                rec = json.loads(line)
+                if any(k.startswith("eval/") for k in rec):
+                    last = rec
+        return last

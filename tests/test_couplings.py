@@ -1,0 +1,74 @@
+"""Minibatch OT coupling: a permutation of the noise that minimises the total squared cost."""
+import itertools
+
+import pytest
+import torch
+
+from flowlab.flow import IndependentCoupling, MinibatchOTCoupling, build_coupling
+
+
+def _cost(x0, x1):
+    return (x0 - x1).pow(2).flatten(1).sum(1).sum().item()
+
+
+def _batch(n, shape=(2,), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(n, *shape, generator=g, dtype=torch.float64)
+    x1 = torch.randn(n, *shape, generator=g, dtype=torch.float64) * 0.5 + 1.0
+    return x0, x1
+
+
+@pytest.mark.parametrize("shape", [(2,), (2, 3, 3)])
+def test_ot_output_is_permutation_of_noise(shape):
+    """The coupled x0 has the same rows as x0 (same multiset) and x1 is returned unchanged, in order."""
+    x0, x1 = _batch(16, shape)
+    ot = MinibatchOTCoupling()
+    x0_c, x1_c = ot(x0, x1)
+    perm = ot.permutation(x0, x1)
+    assert sorted(perm.tolist()) == list(range(16))
+    assert torch.equal(x0_c, x0[perm])
+    assert torch.equal(x1_c, x1)
+    # same multiset of rows, checked without the permutation
+    rows = lambda x: sorted(map(tuple, x.flatten(1).tolist()))  # noqa: E731
+    assert rows(x0_c) == rows(x0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ot_cost_not_worse_than_independent(seed):
+    """The OT pairing's total squared cost is <= that of the pairing as drawn."""
+    x0, x1 = _batch(32, (3,), seed)
+    x0_c, _ = MinibatchOTCoupling()(x0, x1)
+    assert _cost(x0_c, x1) <= _cost(x0, x1) + 1e-12
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ot_matches_brute_force_optimum(seed):
+    """For a batch of 6, the OT cost equals the minimum over all 720 permutations."""
+    x0, x1 = _batch(6, (2, 2), seed)
+    x0_c, _ = MinibatchOTCoupling()(x0, x1)
+    best = min(_cost(x0[list(p)], x1) for p in itertools.permutations(range(6)))
+    assert _cost(x0_c, x1) == pytest.approx(best, rel=1e-12, abs=1e-12)
+
+
+def test_ot_recovers_known_matching():
+    """When x1 is a shuffled copy of x0 plus a tiny offset, OT undoes the shuffle."""
+    g = torch.Generator().manual_seed(7)
+    x0 = torch.randn(10, 4, generator=g, dtype=torch.float64) * 3
+    shuffle = torch.randperm(10, generator=g)
+    x1 = x0[shuffle] + 1e-3
+    x0_c, _ = MinibatchOTCoupling()(x0, x1)
+    assert torch.equal(x0_c, x0[shuffle])
+
+
+def test_independent_and_builder():
+    """Independent coupling is the identity; build_coupling maps names; bad input raises."""
+    x0, x1 = _batch(4)
+    a, b = IndependentCoupling()(x0, x1)
+    assert a is x0 and b is x1
+    assert isinstance(build_coupling("independent"), IndependentCoupling)
+    assert isinstance(build_coupling("ot"), MinibatchOTCoupling)
+    assert isinstance(build_coupling("minibatch_ot"), MinibatchOTCoupling)
+    with pytest.raises(ValueError):
+        build_coupling("sinkhorn")
+    with pytest.raises(ValueError):
+        MinibatchOTCoupling()(x0, x1[:3])

@@ -1,0 +1,139 @@
+"""The trainer: exact resume, atomic checkpoints, non-finite losses, output-dir safety, artefacts."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_overrides
+from flowlab.train import ConfigError, Trainer, TrainingError, load_config
+from flowlab.train.checkpoint import find_resume_checkpoint, list_checkpoints
+from flowlab.train.flow_matching import FlowMatchingRecipe
+
+
+def _train(out, *extra, recipe_cls=FlowMatchingRecipe):
+    cfg = load_config(None, tiny_overrides(out, *extra))
+    return Trainer(cfg, recipe_cls(cfg)).train()
+
+
+def _weights(out):
+    return load_file(os.path.join(out, "pipeline", "velocity_model", "diffusion_pytorch_model.safetensors"))
+
+
+class _CrashAt25(FlowMatchingRecipe):
+    def training_step(self, model, batch, ctx):
+        if ctx.step == 25:
+            raise RuntimeError("simulated crash")
+        return super().training_step(model, batch, ctx)
+
+
+def test_run_writes_artefacts_and_respects_total_limit(tmp_path):
+    out = str(tmp_path / "run")
+    _train(out, "train.checkpoint_every=10", "train.checkpoints_total_limit=2", "sample.every=20")
+    assert [s for s, _ in list_checkpoints(os.path.join(out, "checkpoints"))] == [30, 40]
+    assert sorted(os.listdir(os.path.join(out, "samples"))) == ["step_0000020.png", "step_0000040.png"]
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in recs] == [10, 20, 30, 40]
+    assert {"loss", "lr", "samples_per_sec", "grad_norm"} <= set(recs[0])
+    assert os.path.isfile(os.path.join(out, "pipeline", "model_index.json"))
+    assert not any(n.startswith(".tmp") for n in os.listdir(out) + os.listdir(os.path.join(out, "checkpoints")))
+
+
+def test_resume_after_crash_is_exact(tmp_path):
+    ref, crashed = str(tmp_path / "ref"), str(tmp_path / "crashed")
+    _train(ref)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _train(crashed, recipe_cls=_CrashAt25)
+    assert [s for s, _ in list_checkpoints(os.path.join(crashed, "checkpoints"))] == [20]
+    _train(crashed, "train.resume=latest")
+    a, b = _weights(ref), _weights(crashed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(line)["step"] for line in open(os.path.join(crashed, "metrics.jsonl"))]
+    assert steps == [10, 20, 30, 40]  # the crashed run's lines were trimmed to the checkpoint
+
+
+def test_corrupted_checkpoint_falls_back_to_previous(tmp_path, caplog):
+    out = str(tmp_path / "run")
+    _train(out, "train.checkpoint_every=10", "train.checkpoints_total_limit=3")
+    ckpts = list_checkpoints(os.path.join(out, "checkpoints"))
+    newest = ckpts[-1][1]
+    weights = newest / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # truncated on disk
+    path, state = find_resume_checkpoint(os.path.join(out, "checkpoints"))
+    assert path == ckpts[-2][1] and state["step"] == ckpts[-2][0]
+    assert "checkpoint-40" in caplog.text and "truncated" in caplog.text
+    # a flipped byte of the same size is caught by the checksum
+    ckpt30 = ckpts[-2][1] / "model.safetensors"
+    raw = bytearray(ckpt30.read_bytes())
+    raw[-1] ^= 0xFF
+    ckpt30.write_bytes(bytes(raw))
+    path, _ = find_resume_checkpoint(os.path.join(out, "checkpoints"))
+    assert path == ckpts[-3][1]
+
+
+def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    import flowlab.train.trainer as trainer_mod
+
+    out = str(tmp_path / "run")
+    real = trainer_mod.finalize_checkpoint
+
+    def dying_finalize(tmp, final, state):
+        if state["step"] == 40:
+            raise KeyboardInterrupt("killed while writing checkpoint-40")
+        return real(tmp, final, state)
+
+    monkeypatch.setattr(trainer_mod, "finalize_checkpoint", dying_finalize)
+    with pytest.raises(KeyboardInterrupt):
+        _train(out)
+    path, state = find_resume_checkpoint(os.path.join(out, "checkpoints"))
+    assert state["step"] == 20 and path.name == "checkpoint-20"
+    monkeypatch.setattr(trainer_mod, "finalize_checkpoint", real)
+    _train(out, "train.resume=latest")  # the leftover temporary folder does not get in the way
+    assert [s for s, _ in list_checkpoints(os.path.join(out, "checkpoints"))] == [20, 40]
+
+
+def test_output_dir_with_a_run_is_not_overwritten(tmp_path):
+    out = str(tmp_path / "run")
+    _train(out, "train.max_steps=10", "train.checkpoint_every=0")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        _train(out, "train.max_steps=10")
+    _train(out, "train.max_steps=10", "train.overwrite=true")
+
+
+class _NaNRecipe(FlowMatchingRecipe):
+    def training_step(self, model, batch, ctx):
+        out = super().training_step(model, batch, ctx)
+        if ctx.step in (3, 4) or ctx.step >= 30:
+            out.loss = out.loss * float("nan")
+        return out
+
+
+def test_nonfinite_losses_skip_then_abort(tmp_path):
+    out = str(tmp_path / "run")
+    with pytest.raises(TrainingError, match="non-finite losses in a row"):
+        _train(out, "train.max_nonfinite_steps=5", "train.checkpoint_every=0", recipe_cls=_NaNRecipe)
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    skipped = [r["step"] for r in recs if r.get("nonfinite_loss")]
+    assert skipped[:2] == [3, 4] and len(skipped) == 2 + 5
+    finite = [r for r in recs if "loss" in r]
+    assert finite and all(torch.isfinite(torch.tensor(r["loss"])) for r in finite)
+
+
+def test_batch_not_divisible_by_accumulation(tmp_path):
+    cfg = load_config(None, tiny_overrides(tmp_path / "x", "train.batch_size=30", "train.grad_accum_steps=4"))
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        Trainer(cfg)
+
+
+def test_grad_accumulation_matches_full_batch(tmp_path):
+    """2 micro-batches of 16 give the same update as one batch of 32 (same examples, same noise)."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _train(a, "train.max_steps=5", "train.checkpoint_every=0")
+    _train(b, "train.max_steps=5", "train.checkpoint_every=0", "train.grad_accum_steps=2")
+    wa, wb = _weights(a), _weights(b)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
