@@ -90,6 +90,24 @@ class _IndexStream:
         return torch.cat(out)
 
 
+class _LocalBatches(torch.utils.data.Sampler):
+    """This process's example indices for every micro-step from ``start_step`` to the end (lazy)."""
+
+    def __init__(self, trainer: "Trainer", start_step: int):
+        t = trainer.config.train
+        self.stream, self.micro_global, self.micro_local = trainer.stream, trainer.micro_global, trainer.micro_local
+        self.rank = trainer.accelerator.process_index
+        self.first, self.total = start_step * t.grad_accum_steps, t.max_steps * t.grad_accum_steps
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.first)
+
+    def __iter__(self):
+        for k in range(self.first, self.total):
+            idx = self.stream.indices(k * self.micro_global, self.micro_global)
+            yield idx[self.rank * self.micro_local : (self.rank + 1) * self.micro_local].tolist()
+
+
 class Trainer:
     """Train ``recipe`` as configured by ``config``.
 
@@ -118,6 +136,13 @@ class Trainer:
             )
         self.accelerator = accelerator
         P = accelerator.num_processes
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world > 1 and P == 1:
+            raise ConfigError(
+                f"the launcher started {world} processes (WORLD_SIZE={world}) but accelerate set each one up as a "
+                "single process, so they would train separately and overwrite each other's output. On a CPU-only "
+                "machine launch with: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N train.py ..."
+            )
         if t.batch_size % (P * t.grad_accum_steps):
             raise ConfigError(
                 f"train.batch_size: the global batch {t.batch_size} must be divisible by processes ({P}) x "
@@ -222,15 +247,7 @@ class Trainer:
                 for micro in range(t.grad_accum_steps):
                     yield step, micro, self._batch(step, micro)
                 step += 1
-        rank = self.accelerator.process_index
-        total = t.max_steps * t.grad_accum_steps
-
-        def local_indices():
-            for k in range(start_step * t.grad_accum_steps, total):
-                idx = self.stream.indices(k * self.micro_global, self.micro_global)
-                yield idx[rank * self.micro_local : (rank + 1) * self.micro_local].tolist()
-
-        loader = DataLoader(self.dataset, batch_sampler=list(local_indices()), num_workers=workers)
+        loader = DataLoader(self.dataset, batch_sampler=_LocalBatches(self, start_step), num_workers=workers)
         for k, batch in enumerate(loader, start=start_step * t.grad_accum_steps):
             step, micro = divmod(k, t.grad_accum_steps)
             yield step, micro, {kk: v.to(self.accelerator.device) if torch.is_tensor(v) else v for kk, v in batch.items()}
