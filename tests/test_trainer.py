@@ -137,3 +137,22 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
     wa, wb = _weights(a), _weights(b)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_autocast_and_tensorboard_logs(tmp_path):
+    out = tmp_path / "run"
+    _train(str(out), "train.max_steps=10", "train.checkpoint_every=0", "train.mixed_precision=bf16", "train.report_to=tensorboard")
+    recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs if "loss" in r)
+    events = [f for _, _, fs in os.walk(out / "logs") for f in fs if f.startswith("events.out.tfevents")]
+    assert events, "tensorboard wrote no event file"
+    w = _weights(str(out))
+    assert all(v.dtype == torch.float32 for v in w.values())  # weights stay fp32 under autocast
+
+
+def test_fp16_on_cpu_is_refused_clearly(tmp_path):
+    cfg = load_config(None, tiny_overrides(tmp_path / "x", "train.mixed_precision=fp16"))
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        Trainer(cfg)
