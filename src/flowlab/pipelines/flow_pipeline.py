@@ -1,6 +1,7 @@
 """``FlowPipeline``: sample a flowlab velocity model like any diffusers pipeline."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -15,6 +16,12 @@ from ..flow.guidance import guided_field
 from .scheduling_flow import FlowScheduler
 
 __all__ = ["FlowPipeline", "FlowPipelineOutput"]
+
+# x1 / epsilon predictions carry no velocity where sigma_t = 0 (t = 1) or alpha_t = 0 (t = 0): the
+# conversion divides by sigma_t / alpha_t (clamped at 1e-6), so a model error delta there becomes a
+# velocity error of delta * 1e6. Such models are read at t clamped to
+# [PREDICTION_T_EPS, 1 - PREDICTION_T_EPS] (a bias of order 1e-3; velocity models are read as is).
+PREDICTION_T_EPS = 1e-3
 
 
 @dataclass
@@ -58,8 +65,8 @@ class FlowPipeline(DiffusionPipeline):
         num_classes = self.velocity_model.num_classes
         if num_classes == 0:
             raise ValueError("class_labels were given, but this pipeline's model is unconditional (num_classes=0)")
-        if isinstance(class_labels, int):
-            labels = torch.full((batch_size,), class_labels, dtype=torch.long)
+        if isinstance(class_labels, numbers.Integral) or (torch.is_tensor(class_labels) and class_labels.ndim == 0):
+            labels = torch.full((batch_size,), int(class_labels), dtype=torch.long)  # also numpy / 0-d tensor ints
         else:
             labels = torch.as_tensor(list(class_labels) if not torch.is_tensor(class_labels) else class_labels).long().reshape(-1)
             if batch_size not in (1, len(labels)):
@@ -75,6 +82,8 @@ class FlowPipeline(DiffusionPipeline):
         sched = self.scheduler
 
         def model_fn(x, t, labels):
+            if sched.config.prediction_type != "velocity":
+                t = t.clamp(PREDICTION_T_EPS, 1 - PREDICTION_T_EPS)
             out = model(x, t.to(x.dtype), labels)
             return sched.to_velocity(out, x, t)
 
@@ -98,7 +107,7 @@ class FlowPipeline(DiffusionPipeline):
         """Draw samples.
 
         Args:
-            batch_size: number of samples (overridden by the length of ``class_labels`` if a list).
+            batch_size: number of samples (taken from ``latents`` or a list of ``class_labels`` when left at 1).
             num_inference_steps: solver steps (default: the scheduler's); ignored by ``dopri5``.
             solver: ``euler``, ``midpoint``, ``heun``, ``multistep`` or ``dopri5`` (default: the scheduler's).
             shift: SD3 time shift of the step grid (default: the scheduler's).
@@ -113,6 +122,8 @@ class FlowPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         if output_type == "pil" and not self.is_image_model:
             raise ValueError("output_type='pil' needs an image model; this pipeline draws vectors: use 'np' or 'pt'")
+        if latents is not None and batch_size == 1:
+            batch_size = latents.shape[0]
         labels, batch_size = self._labels(class_labels, batch_size)
         guidance_scale = self.scheduler.config.guidance_scale if guidance_scale is None else guidance_scale
         if guidance_scale != 1.0 and labels is None:

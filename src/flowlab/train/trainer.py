@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -129,6 +130,10 @@ class Trainer:
             if t.mixed_precision == "fp16" and not torch.cuda.is_available():
                 raise ConfigError("train.mixed_precision: fp16 needs a CUDA device; use bf16 or no on CPU")
             log_with = None if t.report_to == "none" else t.report_to
+            # accelerate keeps one AcceleratorState per process; a second Trainer in the same
+            # Python session (a notebook, a sweep) may ask for another mixed precision. Reset the
+            # accelerator-level state but keep the process group (PartialState).
+            AcceleratorState._reset_state(reset_partial_state=False)
             accelerator = Accelerator(
                 mixed_precision=t.mixed_precision,
                 log_with=log_with,
