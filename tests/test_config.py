@@ -436,3 +436,32 @@ def test_property_garbage_python_values_raise_config_error(leaf, value):
         assert not _is_valid(value, tp, meta), f"valid value rejected: {key}={value!r}"
         return
     assert _is_valid(value, tp, meta), f"invalid value accepted: {key}={value!r}"
+
+
+def test_recipe_sections_register_validate_and_serialise():
+    """A recipe's own section (``register_config_section``) is validated and read like the built-in ones."""
+    import dataclasses
+
+    from flowlab.train.config import CONFIG_SECTIONS, config_to_dict, register_config_section
+
+    @dataclasses.dataclass
+    class ToySection:
+        beta: float = dataclasses.field(default=1.0, metadata={"min": 0.0})
+        groups: int = 4
+
+    register_config_section("toy_recipe", ToySection)
+    try:
+        cfg = load_config(None, ["toy_recipe.beta=0.5"])
+        assert cfg.toy_recipe.beta == 0.5 and cfg.toy_recipe.groups == 4
+        assert config_to_dict(cfg)["toy_recipe"] == {"beta": 0.5, "groups": 4}
+        assert load_config(None, []).toy_recipe.beta == 1.0  # defaults when absent
+        with pytest.raises(ConfigError, match="toy_recipe.beta"):
+            load_config(None, ["toy_recipe.beta=-1"])
+        with pytest.raises(ConfigError, match="did you mean 'toy_recipe.groups'"):
+            load_config(None, ["toy_recipe.grups=3"])
+        with pytest.raises(ConfigError, match="did you mean 'toy_recipe'"):
+            load_config(None, ["toy_recipes.beta=1"])
+    finally:
+        CONFIG_SECTIONS.pop("toy_recipe")
+    with pytest.raises(AttributeError):
+        load_config(None, []).toy_recipe

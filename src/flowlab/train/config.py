@@ -30,6 +30,8 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "parse_overrides",
+    "CONFIG_SECTIONS",
+    "register_config_section",
 ]
 
 
@@ -153,7 +155,11 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    """A whole run. ``recipe`` picks the training recipe (``flow_matching``)."""
+    """A whole run. ``recipe`` picks the training recipe (``flow_matching``).
+
+    Recipes may add sections of their own (e.g. ``nft:``) with :func:`register_config_section`;
+    they are validated like the built-in ones and read as attributes (``config.nft``).
+    """
 
     recipe: str = "flow_matching"
     output_dir: str = "runs/default"
@@ -164,6 +170,25 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+    def __getattr__(self, name: str):
+        # only reached when normal lookup fails: recipe-specific sections, defaults if not given
+        if name in CONFIG_SECTIONS:
+            sections = self.__dict__.setdefault("_sections", {})
+            return sections.setdefault(name, CONFIG_SECTIONS[name]())
+        raise AttributeError(f"'Config' object has no attribute {name!r}")
+
+
+CONFIG_SECTIONS: dict[str, type] = {}
+
+
+def register_config_section(name: str, cls: type) -> type:
+    """Add a top-level config section ``name`` validated by the dataclass ``cls`` (for recipes)."""
+    if name in {f.name for f in dataclasses.fields(Config)}:
+        raise ValueError(f"config section {name!r} already exists")
+    CONFIG_SECTIONS[name] = cls
+    return cls
 
 
 # --------------------------------------------------------------------------- validation
@@ -220,13 +245,17 @@ def _build(cls, data: Any, prefix: str):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {type(data).__name__} {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
+    extra = CONFIG_SECTIONS if cls is Config else {}
+    kwargs, sections = {}, {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
+        if k in extra:
+            sections[k] = _build(extra[k], v if v is not None else {}, key)
+            continue
         if k not in fields:
-            close = difflib.get_close_matches(str(k), list(fields), n=1)
+            close = difflib.get_close_matches(str(k), [*fields, *extra], n=1)
             hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config key '{key}'{hint}; valid keys here: {', '.join(fields)}")
+            raise ConfigError(f"unknown config key '{key}'{hint}; valid keys here: {', '.join([*fields, *extra])}")
         tp = hints[k]
         if dataclasses.is_dataclass(tp):
             kwargs[k] = _build(tp, v if v is not None else {}, key)
@@ -241,11 +270,17 @@ def _build(cls, data: Any, prefix: str):
             if "max" in meta and value > meta["max"]:
                 raise ConfigError(f"{key}: must be <= {meta['max']}, got {value!r}")
         kwargs[k] = value
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    if sections:
+        obj.__dict__["_sections"] = sections
+    return obj
 
 
 def config_from_dict(data: dict) -> Config:
     """Validate a nested dict into a :class:`Config` (raises :class:`ConfigError`)."""
+    from .recipe import import_builtin_recipes
+
+    import_builtin_recipes()  # recipes register their config sections on import
     cfg = _build(Config, data, "")
     _cross_checks(cfg)
     return cfg
@@ -262,7 +297,11 @@ def _cross_checks(cfg: Config) -> None:
 
 
 def config_to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as a nested dict, with the recipe sections it was given or has read."""
+    out = dataclasses.asdict(cfg)
+    for name, section in cfg.__dict__.get("_sections", {}).items():
+        out[name] = dataclasses.asdict(section)
+    return out
 
 
 def parse_overrides(overrides: list[str]) -> dict:

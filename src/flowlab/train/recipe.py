@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from .config import Config
 
-__all__ = ["StepContext", "StepOutput", "Recipe", "RECIPES", "register_recipe", "get_recipe"]
+__all__ = ["StepContext", "StepOutput", "Recipe", "RECIPES", "register_recipe", "get_recipe", "import_builtin_recipes", "BUILTIN_RECIPE_MODULES"]
 
 
 @dataclass
@@ -118,8 +118,20 @@ def register_recipe(name: str):
     return deco
 
 
+# Modules that define built-in recipes (imported on demand: each registers its recipe and any
+# config section of its own). A new recipe adds its module here.
+BUILTIN_RECIPE_MODULES = ["flowlab.train.flow_matching"]
+
+
+def import_builtin_recipes() -> None:
+    import importlib
+
+    for name in BUILTIN_RECIPE_MODULES:
+        importlib.import_module(name)
+
+
 def get_recipe(config: Config) -> Recipe:
-    from . import flow_matching  # noqa: F401  (registers the built-in recipe)
+    import_builtin_recipes()
 
     if config.recipe not in RECIPES:
         from .config import ConfigError
