@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -92,6 +92,32 @@ class Recipe(ABC):
     def training_step(self, model: nn.Module, batch: dict, ctx: StepContext) -> StepOutput:
         """Loss of one micro-batch (this process's part of it)."""
 
+    # Optional hooks for recipes whose loss is a sum of independent local losses (e.g. NoProp's blocks).
+    # The defaults keep the ordinary single-loss, data-parallel behaviour.
+
+    #: ``False``: the model is not wrapped for data parallelism (no gradient all-reduce), every process
+    #: gets the whole global batch, and each process trains the parameters :meth:`parameter_owners`
+    #: gives it; owned parameters, their EMA and owned buffers are broadcast from their owner before
+    #: evaluation, checkpoints and the final save.
+    data_parallel: bool = True
+
+    def training_losses(self, model: nn.Module, batch: dict, ctx: StepContext) -> Iterator[StepOutput]:
+        """Losses of one micro-batch, each back-propagated by the trainer as soon as it is yielded
+        (before the next one is computed), so only one part's activations are alive at a time.
+        Gradients of all parts accumulate into one optimiser step. Default: :meth:`training_step`.
+        Several parts are meant for ``data_parallel = False`` recipes (a DDP-wrapped model expects one
+        backward per forward of the wrapper)."""
+        yield self.training_step(model, batch, ctx)
+
+    def parameter_owners(self, model: nn.Module, num_processes: int) -> dict[str, int] | None:
+        """For ``data_parallel = False``: the process that trains each named parameter / buffer of the
+        unwrapped model (names absent: process 0). ``None``: every process trains everything."""
+        return None
+
+    def grad_clip_groups(self, model: nn.Module) -> list[list[nn.Parameter]] | None:
+        """Parameter groups clipped separately to ``train.max_grad_norm`` (``None``: one global norm)."""
+        return None
+
     def sample_images(self, model: nn.Module, num_images: int, generator: torch.Generator) -> Tensor | None:
         """Samples for a grid: images ``(N, C, H, W)`` in [0, 1] or vectors ``(N, D)``; ``None`` to skip."""
         return None
@@ -120,7 +146,7 @@ def register_recipe(name: str):
 
 # Modules that define built-in recipes (imported on demand: each registers its recipe and any
 # config section of its own). A new recipe adds its module here.
-BUILTIN_RECIPE_MODULES = ["flowlab.train.flow_matching"]
+BUILTIN_RECIPE_MODULES = ["flowlab.train.flow_matching", "flowlab.noprop.recipe"]
 
 
 def import_builtin_recipes() -> None:

@@ -97,7 +97,7 @@ class _LocalBatches(torch.utils.data.Sampler):
     def __init__(self, trainer: "Trainer", start_step: int):
         t = trainer.config.train
         self.stream, self.micro_global, self.micro_local = trainer.stream, trainer.micro_global, trainer.micro_local
-        self.rank = trainer.accelerator.process_index
+        self.rank = trainer.data_rank
         self.first, self.total = start_step * t.grad_accum_steps, t.max_steps * t.grad_accum_steps
 
     def __len__(self) -> int:
@@ -148,13 +148,18 @@ class Trainer:
                 "single process, so they would train separately and overwrite each other's output. On a CPU-only "
                 "machine launch with: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N train.py ..."
             )
-        if t.batch_size % (P * t.grad_accum_steps):
+        # Data-parallel recipes split each micro-batch across processes; the others (see
+        # Recipe.data_parallel) give every process the whole batch and split the parameters instead.
+        self.shard = self.recipe.data_parallel or P == 1
+        shards = P if self.shard else 1
+        if t.batch_size % (shards * t.grad_accum_steps):
             raise ConfigError(
                 f"train.batch_size: the global batch {t.batch_size} must be divisible by processes ({P}) x "
                 f"train.grad_accum_steps ({t.grad_accum_steps})"
             )
         self.micro_global = t.batch_size // t.grad_accum_steps
-        self.micro_local = self.micro_global // P
+        self.micro_local = self.micro_global // shards
+        self.data_rank = accelerator.process_index if self.shard else 0
 
     # ------------------------------------------------------------------ set-up
     def _prepare_output_dir(self) -> None:
@@ -202,13 +207,37 @@ class Trainer:
         self.lr_scheduler = get_scheduler(
             t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps
         )
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        if self.recipe.data_parallel:
+            self.model, self.optimizer = acc.prepare(model, optimizer)
+        else:  # not wrapped for data parallelism: no gradient all-reduce
+            self.model, self.optimizer = model.to(acc.device), acc.prepare(optimizer)
         self.ema = EMAModel(self.model.parameters(), decay=t.ema_decay, foreach=True)
         self.ema.to(acc.device)
         acc.register_for_checkpointing(self.lr_scheduler, self.ema)
+        if not self.recipe.data_parallel:
+            acc.register_for_checkpointing(self.model)
+        self._owners = None
+        if not self.recipe.data_parallel and acc.num_processes > 1:
+            self._owners = self.recipe.parameter_owners(acc.unwrap_model(self.model), acc.num_processes)
+        self._clip_groups = self.recipe.grad_clip_groups(acc.unwrap_model(self.model))
         self._ema_copy = None
         self.stream = _IndexStream(len(self.dataset), cfg.seed)
         self.in_memory = hasattr(self.dataset, "get_batch")
+
+    def _sync_owned(self) -> None:
+        """Parameter-owning recipes (``data_parallel = False``): broadcast each parameter, its EMA and each
+        buffer from the process that trains it, so every process holds the whole trained model."""
+        if self._owners is None:
+            return
+        import torch.distributed as dist
+
+        model = self.accelerator.unwrap_model(self.model)
+        for (name, p), shadow in zip(model.named_parameters(), self.ema.shadow_params):
+            src = self._owners.get(name, 0)
+            dist.broadcast(p.data, src=src)
+            dist.broadcast(shadow.data, src=src)
+        for name, b in model.named_buffers():
+            dist.broadcast(b.data, src=self._owners.get(name, 0))
 
     def ema_model(self) -> torch.nn.Module:
         """A copy of the unwrapped model holding the EMA weights (for sampling, evaluation, saving)."""
@@ -225,8 +254,9 @@ class Trainer:
         acc.print(
             f"flowlab: recipe={self.config.recipe} | {acc.num_processes} process(es) "
             f"[{acc.distributed_type.value}] on {acc.device} | mixed precision {acc.mixed_precision} | "
-            f"global batch {t.batch_size} = {acc.num_processes} x {self.micro_local} x {t.grad_accum_steps} accum | "
-            f"{len(self.dataset)} examples | {type(acc.unwrap_model(self.model)).__name__} {n_params / 1e6:.2f}M params | "
+            + (f"global batch {t.batch_size} = {acc.num_processes} x {self.micro_local} x {t.grad_accum_steps} accum | " if self.shard else
+               f"global batch {t.batch_size} = {self.micro_local} x {t.grad_accum_steps} accum on every process, parameters split across processes | ")
+            + f"{len(self.dataset)} examples | {type(acc.unwrap_model(self.model)).__name__} {n_params / 1e6:.2f}M params | "
             f"output {self.output_dir}"
         )
 
@@ -234,7 +264,7 @@ class Trainer:
     def _batch(self, step: int, micro: int):
         pos = (step * self.config.train.grad_accum_steps + micro) * self.micro_global
         idx = self.stream.indices(pos, self.micro_global)
-        rank = self.accelerator.process_index
+        rank = self.data_rank
         local = idx[rank * self.micro_local : (rank + 1) * self.micro_local]
         if self.in_memory:
             batch = self.dataset.get_batch(local)
@@ -262,12 +292,13 @@ class Trainer:
         row ``j`` of the step's batch gets the same data and noise under any process count or
         accumulation."""
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
-        start = micro * self.micro_global + self.accelerator.process_index * self.micro_local
+        start = micro * self.micro_global + self.data_rank * self.micro_local
         return StepContext(step, micro, g, self.config.train.batch_size, start, start + self.micro_local, self.accelerator.device)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int) -> Path:
         acc = self.accelerator
+        self._sync_owned()
         final = self.ckpt_dir / f"{CHECKPOINT_PREFIX}{step}"
         tmp = self.ckpt_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
         if acc.is_main_process and tmp.exists():
@@ -330,6 +361,8 @@ class Trainer:
     def _sample_and_eval(self, step: int, sample: bool, evaluate: bool) -> dict:
         acc, cfg = self.accelerator, self.config
         out: dict = {}
+        if sample or evaluate:
+            self._sync_owned()
         if acc.is_main_process and (sample or evaluate):
             model = self.ema_model()
             if sample:
@@ -375,21 +408,34 @@ class Trainer:
                 ctx = self._context(step, micro)
                 last = micro == t.grad_accum_steps - 1
                 sync = (lambda: contextlib.nullcontext()) if last else (lambda: acc.no_sync(model))
-                with sync(), acc.autocast():
-                    out = self.recipe.training_step(model, batch, ctx)
-                loss = out.loss
-                ok = torch.isfinite(loss.detach()).float()
-                if acc.num_processes > 1:
-                    ok = acc.reduce(ok, reduction="mean")
-                if ok.item() < 1.0:
-                    finite = False
+                parts, part_index = self.recipe.training_losses(model, batch, ctx), 0
+                while True:  # one part at a time: forward, backward, free its graph (Recipe.training_losses)
+                    with sync(), acc.autocast():
+                        out = next(parts, None)
+                    if out is None:
+                        break
+                    loss = out.loss
+                    ok = torch.isfinite(loss.detach()).float()
+                    if acc.num_processes > 1 and self.shard:
+                        ok = acc.reduce(ok, reduction="mean")
+                    if ok.item() < 1.0:
+                        finite = False
+                        break
+                    with sync():
+                        acc.backward(loss / t.grad_accum_steps)
+                    step_loss += loss.detach() / t.grad_accum_steps
+                    extra_logs = {**(extra_logs if part_index else {}), **out.logs}  # all parts' logs
+                    part_index += 1
+                if not finite:
                     break
-                with sync():
-                    acc.backward(loss / t.grad_accum_steps)
-                step_loss += loss.detach() / t.grad_accum_steps
-                extra_logs = out.logs
+            if acc.num_processes > 1 and not self.shard:  # parts differ per process: agree once per step
+                finite = acc.reduce(torch.tensor(float(finite), device=acc.device), reduction="mean").item() == 1.0
             if finite:
-                if t.max_grad_norm > 0:
+                if t.max_grad_norm > 0 and self._clip_groups is not None:
+                    acc.unscale_gradients()
+                    norms = [torch.nn.utils.clip_grad_norm_(g, t.max_grad_norm) for g in self._clip_groups if g]
+                    grad_norm = torch.stack(norms).pow(2).sum().sqrt() if norms else grad_norm
+                elif t.max_grad_norm > 0:
                     grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                 optimizer.step()
                 self.lr_scheduler.step()
@@ -414,7 +460,8 @@ class Trainer:
 
             if step % t.log_every == 0 or step == t.max_steps:
                 elapsed = time.perf_counter() - window_start
-                mean_loss = acc.reduce(window_loss / max(window_n, 1), reduction="mean").item()
+                # parameter-owning recipes: each process's loss covers its own parameters, so they add up
+                mean_loss = acc.reduce(window_loss / max(window_n, 1), reduction="mean" if self.shard else "sum").item()
                 record = {
                     "step": step,
                     "loss": mean_loss,
@@ -449,6 +496,7 @@ class Trainer:
 
     def _finish(self) -> dict:
         acc = self.accelerator
+        self._sync_owned()
         acc.wait_for_everyone()
         if acc.is_main_process:
             final_dir = self.output_dir / self.recipe.artifact_name
