@@ -59,7 +59,9 @@ def _inputs(shape, batch=3, seed=0):
 
 
 def test_model_types_registry():
-    assert MODEL_TYPES == {"mlp": MLPVelocity, "unet": UNetVelocity, "dit": DiTVelocity}
+    from flowlab.models import ConservativeVelocity
+
+    assert MODEL_TYPES == {"mlp": MLPVelocity, "unet": UNetVelocity, "dit": DiTVelocity, "conservative": ConservativeVelocity}
 
 
 @pytest.mark.parametrize("name,factory,shape", CASES, ids=IDS)

@@ -64,7 +64,7 @@ class DataConfig:
 class ModelConfig:
     """``model``: the velocity network."""
 
-    type: str = field(default="mlp", metadata=_choices("mlp", "unet", "dit"))
+    type: str = field(default="mlp", metadata=_choices("mlp", "unet", "dit", "conservative"))  # conservative: v = grad of a scalar MLP
     class_conditional: bool = False
     label_dropout: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})
     attention: str = field(default="sdpa", metadata=_choices("sdpa", "xformers"))
@@ -292,8 +292,8 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(f"train.resume: {t.resume!r} is neither 'latest' nor an existing checkpoint folder")
     if cfg.data.name in ("imagefolder", "hf") and not cfg.data.path:
         raise ConfigError(f"data.path: required when data.name={cfg.data.name!r} (a folder of images or a dataset name)")
-    if cfg.model.type == "mlp" and cfg.model.attention == "xformers":
-        raise ConfigError("model.attention: xformers applies to attention models (unet, dit); model.type=mlp has no attention")
+    if cfg.model.type in ("mlp", "conservative") and cfg.model.attention == "xformers":
+        raise ConfigError(f"model.attention: xformers applies to attention models (unet, dit); model.type={cfg.model.type} has no attention")
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -25,8 +25,8 @@ def build_velocity_model(config: Config, sample_shape: tuple[int, ...], num_clas
     if m.type in ("unet", "dit") and len(sample_shape) != 3:
         raise ConfigError(f"model.type={m.type} needs image data (C, H, W); data.name={config.data.name} gives {sample_shape}: use model.type=mlp")
     common = {"sample_shape": tuple(sample_shape), "num_classes": num_classes, "dropout": m.dropout}
-    if m.type == "mlp":
-        model = MODEL_TYPES["mlp"](hidden_dim=m.hidden_dim, depth=m.depth, time_embed_dim=m.time_embed_dim, **common)
+    if m.type in ("mlp", "conservative"):  # conservative: v = grad_x of a scalar MLP of the same shape
+        model = MODEL_TYPES[m.type](hidden_dim=m.hidden_dim, depth=m.depth, time_embed_dim=m.time_embed_dim, **common)
     elif m.type == "unet":
         model = MODEL_TYPES["unet"](
             block_out_channels=tuple(m.block_out_channels),

@@ -1,0 +1,82 @@
+"""A conservative velocity network: ``v(x, t) = grad_x phi(x, t)`` for a scalar network ``phi``.
+
+Its Jacobian ``d v / d x`` is the Hessian of ``phi``, symmetric by construction, so the
+field has no curl, zero loop integrals and path-independent line integrals — the
+properties of a true score (up to the ``(alpha'/alpha) x`` term, itself a gradient). It is
+trained like any velocity model (``model.type: conservative``); each forward pass costs one
+extra backward pass through ``phi`` (and training differentiates through it, a double
+backward).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import ModelMixin  # noqa: F401  (diffusers' loader looks for it in this namespace)
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from torch import Tensor, nn
+
+from .base import VelocityModelMixin, sinusoidal_embedding
+from .mlp import _ResBlock
+
+__all__ = ["ConservativeVelocity"]
+
+
+class ConservativeVelocity(ModelMixin, ConfigMixin, VelocityModelMixin):
+    """``v_theta(x, t, y) = grad_x phi_theta(x, t, y)`` with ``phi`` a residual MLP (as :class:`MLPVelocity`) to a scalar.
+
+    The gradient is taken inside ``forward`` with grad mode switched on, so the model also
+    works under ``torch.no_grad()`` (sampling); the graph through the gradient is kept
+    (``create_graph``) whenever the caller has grad mode on (training, likelihoods,
+    diagnostics), and dropped otherwise.
+
+    Args: as :class:`~flowlab.models.MLPVelocity` (``sample_shape``, ``hidden_dim``, ``depth``,
+        ``time_embed_dim``, ``num_classes``, ``dropout``).
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_shape: tuple[int, ...] = (2,),
+        hidden_dim: int = 256,
+        depth: int = 4,
+        time_embed_dim: int = 128,
+        num_classes: int = 0,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        d_in = int(math.prod(sample_shape))
+        self.time_embed_dim = time_embed_dim
+        self.inp = nn.Linear(d_in, hidden_dim)
+        self.cond = nn.Sequential(nn.Linear(time_embed_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim))
+        self.label_embed = nn.Embedding(num_classes + 1, hidden_dim) if num_classes > 0 else None
+        self.blocks = nn.ModuleList(_ResBlock(hidden_dim, dropout) for _ in range(depth))
+        # no output biases: they shift phi by a constant, get no gradient through grad_x phi, and
+        # would be "unused parameters" under DDP
+        self.out_norm = nn.LayerNorm(hidden_dim, bias=False)
+        self.out = nn.Linear(hidden_dim, 1, bias=False)
+        for blk in self.blocks:
+            nn.init.zeros_(blk.net[-1].weight)
+            nn.init.zeros_(blk.net[-1].bias)
+
+    def potential(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """The scalar ``phi(x, t, y)`` per sample, shape ``(B,)``."""
+        self._check_input(x)
+        b = x.shape[0]
+        c = self.cond(sinusoidal_embedding(t.reshape(-1).expand(b) if t.numel() == 1 else t, self.time_embed_dim).to(x.dtype))
+        labels = self._labels(class_labels, b, x.device)
+        if labels is not None:
+            c = c + self.label_embed(labels)
+        c = nn.functional.silu(c)
+        h = self.inp(x.reshape(b, -1))
+        for blk in self.blocks:
+            h = blk(h, c)
+        return self.out(self.out_norm(h)).reshape(b)
+
+    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        keep_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            x_in = x if x.requires_grad else x.detach().requires_grad_(True)
+            phi = self.potential(x_in, t, class_labels)
+            (v,) = torch.autograd.grad(phi.sum(), x_in, create_graph=keep_graph)
+        return v

@@ -1,0 +1,273 @@
+"""Any diffusion or flow model as the velocity field of its forward process's probability-flow ODE.
+
+The forward (noising) process of an affine Gaussian path ``x_t = alpha_t x1 + sigma_t x0``
+moves densities along the Wasserstein gradient flow whose velocity, in flowlab time
+(``t = 0`` noise, ``t = 1`` data), is
+
+    v(x, t) = (alpha'/alpha) x + (g^2 / 2) grad log p_t(x),
+    g^2(t)  = 2 sigma (sigma alpha'/alpha - sigma')          (the forward SDE's diffusion)
+
+and generation integrates ``dx/dt = v`` from noise to data (the probability-flow ODE). A
+model that predicts epsilon, x1 (diffusers ``sample``), diffusers ``v_prediction``, the
+score or the velocity gives ``v`` through the core converter table
+(:func:`flowlab.flow.parameterization.convert`). :class:`ProbabilityFlow` holds such a
+model and its path and offers
+
+* :meth:`ProbabilityFlow.sample`: any flowlab solver (``euler``, ``midpoint``, ``heun``,
+  ``multistep``, ``dopri5``) at any step count, or with ``eta > 0`` the stochastic family
+  with the same marginals (Euler–Maruyama on
+  ``dx = [v + (eta^2 / 2) g^2 score] dt + eta g dW``; ``eta = 1`` is the reverse-time SDE);
+* :meth:`ProbabilityFlow.log_likelihood`: exact or Hutchinson log-likelihoods of the
+  field (through :func:`flowlab.flow.likelihood.log_likelihood`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..flow.likelihood import LikelihoodOutput, log_likelihood
+from ..flow.parameterization import PREDICTION_TYPES, convert
+from ..flow.paths import AffinePath
+from ..flow.solvers import SolverOutput, get_solver, time_grid
+from .schedule import DiscreteSchedulePath
+
+__all__ = [
+    "ProbabilityFlow",
+    "DIFFUSERS_PREDICTION_TYPES",
+    "diffusion_coefficient",
+    "diffusers_v_to_epsilon",
+    "sample_sde",
+]
+
+#: diffusers ``prediction_type`` -> what the model predicts, in flowlab's names
+DIFFUSERS_PREDICTION_TYPES = {"epsilon": "epsilon", "sample": "x1", "v_prediction": "v_prediction", "score": "score"}
+_ALL_KINDS = (*PREDICTION_TYPES, "sample", "v_prediction")
+
+
+def diffusers_v_to_epsilon(path: AffinePath, v: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+    """diffusers' ``v_prediction`` target ``v = alpha eps - sigma x1`` -> ``eps``.
+
+    With ``x_t = alpha x1 + sigma eps``: ``eps = (sigma x_t + alpha v) / (alpha^2 + sigma^2)``
+    (``alpha^2 + sigma^2 = 1`` on variance-preserving paths).
+    """
+    a, s, _, _ = path.coefficients(t, x_t)
+    return (s * x_t + a * v) / (a * a + s * s)
+
+
+def diffusion_coefficient(path: AffinePath, t: Tensor, like: Tensor) -> Tensor:
+    """``g^2(t) = 2 sigma (sigma alpha'/alpha - sigma')``, broadcast like ``like``; 0 where ``alpha = 0``.
+
+    It is the squared diffusion of the forward SDE that has the path's marginals, and
+    ``v = (alpha'/alpha) x + (g^2 / 2) score``.
+    """
+    a, s, da, ds = path.coefficients(t, like)
+    g2 = 2 * s * (s * da / a.clamp_min(1e-12) - ds)
+    return torch.where(a > 0, g2, torch.zeros_like(g2)).clamp_min(0)
+
+
+class ProbabilityFlow:
+    """A model read as the probability-flow velocity of its path.
+
+    Args:
+        predict: ``(x, t) -> prediction`` with ``x`` ``(B, ...)`` and flowlab times ``t`` ``(B,)``.
+        path: the affine path the model was trained on (e.g. :class:`DiscreteSchedulePath`).
+        prediction_type: what ``predict`` returns: ``velocity``, ``x1``, ``epsilon``, ``score``,
+            or diffusers' names ``sample`` (= ``x1``) and ``v_prediction``.
+        t_range: the model is evaluated (and its output converted) at ``t`` clamped to this
+            range: diffusers models were never trained below timestep 0, i.e. above
+            ``t = 1 - 1/N``, and x1/epsilon/score predictions carry no velocity where
+            ``sigma_t = 0``.
+
+    Example::
+
+        flow = ProbabilityFlow.from_diffusers(unet, DDPMScheduler(...))
+        x = flow.sample(torch.randn(16, 3, 32, 32), num_inference_steps=20, solver="multistep").x
+    """
+
+    def __init__(
+        self,
+        predict: Callable[[Tensor, Tensor], Tensor],
+        path: AffinePath,
+        prediction_type: str = "velocity",
+        t_range: tuple[float, float] = (0.0, 1.0),
+    ):
+        if prediction_type not in _ALL_KINDS:
+            raise ValueError(f"unknown prediction type {prediction_type!r}; choose one of {_ALL_KINDS}")
+        self.predict_fn, self.path = predict, path
+        self.prediction_type = {"sample": "x1"}.get(prediction_type, prediction_type)
+        self.t_range = (float(t_range[0]), float(t_range[1]))
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_diffusers(
+        cls,
+        model,
+        scheduler,
+        prediction_type: str | None = None,
+        timestep_input: str = "continuous",
+        class_labels: Tensor | None = None,
+    ) -> "ProbabilityFlow":
+        """A diffusers model (e.g. ``UNet2DModel``) with its ``DDPMScheduler``/``DDIMScheduler``.
+
+        Args:
+            model: ``model(x, timestep, ...)`` returning a tensor or an object with ``.sample``.
+            scheduler: anything with ``alphas_cumprod`` and ``config.prediction_type``.
+            prediction_type: ``epsilon``, ``sample``, ``v_prediction`` or ``score``
+                (default: the scheduler's).
+            timestep_input: ``continuous`` passes the fractional timestep ``u(t)`` (UNet2DModel's
+                sinusoidal embedding takes floats); ``discrete`` rounds it to the nearest integer
+                (models that look timesteps up in a table).
+            class_labels: passed through as ``model(..., class_labels=...)`` when given.
+        """
+        if timestep_input not in ("continuous", "discrete"):
+            raise ValueError(f"timestep_input must be 'continuous' or 'discrete', got {timestep_input!r}")
+        kind = prediction_type or scheduler.config.prediction_type
+        if kind not in DIFFUSERS_PREDICTION_TYPES:
+            raise ValueError(f"unknown diffusers prediction_type {kind!r}; choose one of {sorted(DIFFUSERS_PREDICTION_TYPES)}")
+        path = DiscreteSchedulePath.from_scheduler(scheduler)
+        n = path.num_train_timesteps
+
+        def predict(x: Tensor, t: Tensor) -> Tensor:
+            u = path.timestep(t.to(torch.float64)).clamp(0, n - 1)
+            if timestep_input == "discrete":
+                u = u.round()
+            kwargs = {} if class_labels is None else {"class_labels": class_labels}
+            out = model(x, u.to(x.dtype), **kwargs)
+            return getattr(out, "sample", out)
+
+        return cls(predict, path, kind, t_range=(0.0, 1.0 - 1.0 / n))
+
+    @classmethod
+    def from_flow_pipeline(cls, pipe, class_labels: Tensor | None = None, guidance_scale: float = 1.0) -> "ProbabilityFlow":
+        """A flowlab ``FlowPipeline`` (its model, path and prediction type; guidance included)."""
+        field = pipe.velocity_field(class_labels, guidance_scale)  # converts to velocity, clamps t
+        t_range = (0.0, 1.0) if pipe.scheduler.config.prediction_type == "velocity" else (1e-3, 1 - 1e-3)
+        return cls(field, pipe.scheduler.path, "velocity", t_range=t_range)
+
+    # ------------------------------------------------------------------ fields
+
+    def _clamp(self, t: Tensor) -> Tensor:
+        return t.clamp(*self.t_range)
+
+    def _raw(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, str]:
+        if not torch.is_tensor(t) or t.ndim == 0:
+            t = torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype)
+        t = self._clamp(t.to(x.dtype))
+        pred = self.predict_fn(x, t)
+        kind = self.prediction_type
+        if kind == "v_prediction":
+            pred, kind = diffusers_v_to_epsilon(self.path, pred, x, t), "epsilon"
+        return pred, t, kind
+
+    def predict(self, x: Tensor, t: Tensor, kind: str = "velocity") -> Tensor:
+        """The model's prediction at ``(x, t)`` converted to ``kind`` (``velocity``, ``x1``, ``epsilon``, ``score``)."""
+        pred, t, src = self._raw(x, t)
+        return convert(self.path, pred, x, t, src, kind)
+
+    def velocity(self, x: Tensor, t: Tensor) -> Tensor:
+        """Probability-flow velocity ``v(x, t)`` in flowlab time."""
+        return self.predict(x, t, "velocity")
+
+    def score(self, x: Tensor, t: Tensor) -> Tensor:
+        """The implied score ``grad log p_t(x)``."""
+        return self.predict(x, t, "score")
+
+    def epsilon(self, x: Tensor, t: Tensor) -> Tensor:
+        """The implied noise prediction ``-sigma_t * score``."""
+        return self.predict(x, t, "epsilon")
+
+    def x1(self, x: Tensor, t: Tensor) -> Tensor:
+        """The implied data prediction ``E[x1 | x_t = x]``."""
+        return self.predict(x, t, "x1")
+
+    __call__ = velocity
+
+    def velocity_and_score(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Both from one model evaluation."""
+        pred, tc, src = self._raw(x, t)
+        return convert(self.path, pred, x, tc, src, "velocity"), convert(self.path, pred, x, tc, src, "score")
+
+    # ------------------------------------------------------------------ sampling, likelihood
+
+    def sample(
+        self,
+        x: Tensor,
+        num_inference_steps: int = 32,
+        solver: str = "heun",
+        eta: float = 0.0,
+        shift: float = 1.0,
+        generator: torch.Generator | None = None,
+        return_trajectory: bool = False,
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+    ) -> SolverOutput:
+        """Integrate from noise ``x`` at ``t = 0`` to data at ``t = 1``.
+
+        ``eta = 0``: the probability-flow ODE with the named solver (``multistep`` is
+        DPM-Solver++(2M) on this path; its first-order step is exactly DDIM(eta=0)).
+        ``eta > 0``: Euler–Maruyama on the stochastic family with the same marginals
+        (``solver`` must then be ``euler``); see :func:`sample_sde`.
+        """
+        times = time_grid(num_inference_steps, shift=shift, device=x.device)
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        if eta > 0:
+            if solver != "euler":
+                raise ValueError(f"eta > 0 samples the SDE with Euler–Maruyama: pass solver='euler', not {solver!r}")
+            return sample_sde(self, x, times, eta, generator=generator, return_trajectory=return_trajectory)
+        if solver == "dopri5":
+            s = get_solver("dopri5", rtol=rtol, atol=atol)
+        else:
+            s = get_solver(solver, path=self.path)
+        return s.solve(self.velocity, x, times, return_trajectory=return_trajectory)
+
+    def log_likelihood(
+        self,
+        x_1: Tensor,
+        solver: str = "dopri5",
+        num_steps: int = 64,
+        estimator: str = "exact",
+        generator: torch.Generator | None = None,
+    ) -> LikelihoodOutput:
+        """``log p_1(x_1)`` of the probability-flow ODE under an ``N(0, I)`` source at ``t = 0``
+        (:func:`flowlab.flow.likelihood.log_likelihood` on :meth:`velocity`)."""
+        return log_likelihood(self.velocity, x_1, solver=solver, num_steps=num_steps, estimator=estimator, generator=generator)
+
+
+@torch.no_grad()
+def sample_sde(
+    flow: ProbabilityFlow,
+    x: Tensor,
+    times: Tensor,
+    eta: float = 1.0,
+    generator: torch.Generator | None = None,
+    return_trajectory: bool = False,
+) -> SolverOutput:
+    """Euler–Maruyama on ``dx = [v + (eta^2/2) g^2 score] dt + eta g dW`` along increasing ``times``.
+
+    Every ``eta >= 0`` has the marginals ``p_t`` of the probability-flow ODE (the extra drift
+    and the noise cancel in the Fokker–Planck equation); ``eta = 1`` is the reverse-time SDE of
+    the forward process. No noise is added on the last step (the output is the mean), and
+    the step is deterministic where ``alpha_t = 0`` (``g`` is infinite there, e.g. at
+    ``t = 0`` on the linear path). Euler–Maruyama needs ``g^2 h`` small: use more steps
+    for larger ``eta`` (one network evaluation per step).
+    """
+    traj = [x] if return_trajectory else None
+    n = len(times) - 1
+    for i in range(n):
+        t, t_next = float(times[i]), float(times[i + 1])
+        h = t_next - t
+        tb = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
+        v, s = flow.velocity_and_score(x, tb)
+        g2 = diffusion_coefficient(flow.path, flow._clamp(tb), x)
+        x = x + h * (v + 0.5 * eta**2 * g2 * s)
+        if i < n - 1:
+            z = torch.randn(x.shape, generator=generator, device="cpu" if generator is None else generator.device, dtype=x.dtype).to(x.device)
+            x = x + eta * torch.sqrt(g2 * h) * z
+        if traj is not None:
+            traj.append(x)
+    return SolverOutput(x=x, nfe=n, times=times, trajectory=traj)

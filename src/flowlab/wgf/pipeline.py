@@ -1,0 +1,127 @@
+"""``WGFPipeline``: sample a diffusers diffusion model (e.g. a DDPM ``UNet2DModel``) as a
+probability-flow ODE (or the same-marginal SDE family) with flowlab's solvers."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor
+
+from ..flow.likelihood import LikelihoodOutput
+from ..pipelines.flow_pipeline import FlowPipelineOutput
+from .flow import ProbabilityFlow
+
+__all__ = ["WGFPipeline"]
+
+
+class WGFPipeline(DiffusionPipeline):
+    """A diffusers model + its DDPM/DDIM scheduler, sampled in flowlab time (t=0 noise, t=1 data).
+
+    The components have the names of diffusers' ``DDPMPipeline`` (``unet``, ``scheduler``), so
+    ``WGFPipeline.from_pretrained(<a DDPMPipeline folder>)`` loads one. The scheduler only
+    supplies the beta schedule (``alphas_cumprod``, see
+    :class:`flowlab.wgf.schedule.DiscreteSchedulePath`) and ``prediction_type``
+    (``epsilon``, ``sample``, ``v_prediction``); ``prediction_type="score"`` in the call reads
+    the model as a score model.
+
+    Example::
+
+        pipe = WGFPipeline(unet=UNet2DModel(...), scheduler=DDPMScheduler(...))
+        out = pipe(batch_size=16, num_inference_steps=20, solver="multistep", output_type="np")
+        out = pipe(batch_size=16, num_inference_steps=200, solver="euler", eta=1.0)   # reverse SDE
+        ll = pipe.log_likelihood(images_in_minus1_1).log_prob
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        c = self.unet.config
+        if hasattr(c, "sample_shape"):
+            return tuple(c.sample_shape)
+        size = c.sample_size if isinstance(c.sample_size, (tuple, list)) else (c.sample_size, c.sample_size)
+        return (c.in_channels, *size)
+
+    def probability_flow(
+        self, prediction_type: str | None = None, class_labels: Tensor | None = None, timestep_input: str = "continuous"
+    ) -> ProbabilityFlow:
+        """The :class:`ProbabilityFlow` (velocity, score, sampling, likelihood) of this pipeline's model."""
+        return ProbabilityFlow.from_diffusers(self.unet, self.scheduler, prediction_type, timestep_input, class_labels)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int = 32,
+        solver: str | None = None,
+        eta: float = 0.0,
+        shift: float = 1.0,
+        class_labels: int | Sequence[int] | Tensor | None = None,
+        prediction_type: str | None = None,
+        timestep_input: str = "continuous",
+        generator: torch.Generator | None = None,
+        latents: Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        return_trajectory: bool = False,
+    ) -> FlowPipelineOutput | tuple:
+        """Draw samples.
+
+        Args:
+            batch_size: number of samples (taken from ``latents`` when given).
+            num_inference_steps: solver steps on the flowlab grid (ignored by ``dopri5``).
+            solver: ``euler``, ``midpoint``, ``heun``, ``multistep`` or ``dopri5``; default
+                ``multistep`` (DPM-Solver++(2M), 1 NFE/step) for ``eta = 0``, ``euler``
+                (Euler–Maruyama, the only choice) for ``eta > 0``.
+            eta: 0 = probability-flow ODE, 1 = reverse-time SDE, in between: same marginals.
+            shift: SD3 time shift of the grid (``> 1``: more steps near noise).
+            class_labels: for class-conditional UNets (``model(..., class_labels=...)``).
+            prediction_type: override the scheduler's (``epsilon``, ``sample``, ``v_prediction``, ``score``).
+            output_type: ``pil``, ``np``, ``pt`` (images in [0, 1]) or ``latent`` (raw, model space).
+        """
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        solver = solver or ("multistep" if eta == 0 else "euler")
+        if latents is not None:
+            batch_size = latents.shape[0]
+        shape = (batch_size, *self.sample_shape)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        if class_labels is not None:
+            class_labels = torch.as_tensor(class_labels, device=self.device).long().reshape(-1).expand(batch_size)
+        flow = self.probability_flow(prediction_type, class_labels, timestep_input)
+        out = flow.sample(latents.to(self.device), num_inference_steps, solver, eta=eta, shift=shift, generator=generator, return_trajectory=return_trajectory)
+        images = out.x
+        if output_type != "latent":
+            images = ((images.float() + 1) / 2).clamp(0, 1)
+        if output_type in ("np", "pil"):
+            images = images.cpu().numpy().transpose(0, 2, 3, 1)
+            if output_type == "pil":
+                from .. import FlowPipeline
+
+                images = FlowPipeline.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return FlowPipelineOutput(images=images, nfe=out.nfe, trajectory=out.trajectory)
+
+    def log_likelihood(
+        self,
+        images: Tensor,
+        solver: str = "dopri5",
+        num_steps: int = 64,
+        estimator: str = "hutchinson",
+        prediction_type: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> LikelihoodOutput:
+        """``log p(images)`` (nats, model space ``[-1, 1]``) of the probability-flow ODE; Hutchinson by default."""
+        flow = self.probability_flow(prediction_type)
+        return flow.log_likelihood(images.to(self.device, self.unet.dtype), solver=solver, num_steps=num_steps, estimator=estimator, generator=generator)
