@@ -509,3 +509,16 @@ def test_prediction_type_mismatch_changes_samples():
 def test_output_dataclass():
     out = _pipe(_mlp((2,)), solver="euler", num_inference_steps=2)(batch_size=1, output_type="pt")
     assert isinstance(out, FlowPipelineOutput) and out.nfe == 2 and out.trajectory is None
+
+
+def test_dopri5_runs_through_the_pipeline_with_a_progress_bar():
+    """The adaptive solver has no step count: the pipeline's NFE bar must cope (it raised before)."""
+    import torch
+
+    from flowlab import FlowPipeline, FlowScheduler, MLPVelocity
+
+    pipe = FlowPipeline(velocity_model=MLPVelocity(sample_shape=(2,), hidden_dim=16, depth=1), scheduler=FlowScheduler())
+    out = pipe(batch_size=3, solver="dopri5", output_type="pt", generator=torch.Generator().manual_seed(0))
+    ref = pipe(batch_size=3, solver="dopri5", output_type="pt", generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (3, 2) and out.nfe > 6
+    torch.testing.assert_close(out.images, ref.images)

@@ -140,7 +140,7 @@ class FlowPipeline(DiffusionPipeline):
         times = self.scheduler.set_timesteps(num_inference_steps, device=self.device, shift=shift)
         field = self.velocity_field(labels, guidance_scale)
         expected = None if solver_obj.name == "dopri5" else solver_obj.nfe_per_step * (len(times) - 1)
-        with self.progress_bar(total=expected) as bar:
+        with self._nfe_bar(expected) as bar:
 
             def counted(x, t):
                 v = field(x, t)
@@ -162,6 +162,17 @@ class FlowPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return FlowPipelineOutput(images=images, nfe=out.nfe, trajectory=out.trajectory)
+
+    def _nfe_bar(self, total: int | None):
+        """A progress bar counting network evaluations (no total for the adaptive dopri5)."""
+        if total is not None:
+            return self.progress_bar(total=total)
+        from tqdm.auto import tqdm
+
+        config = dict(getattr(self, "_progress_bar_config", {}))
+        dist = torch.distributed
+        config.setdefault("disable", dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+        return tqdm(total=None, unit="nfe", **config)
 
     @staticmethod
     def numpy_to_pil(images: np.ndarray):
