@@ -9,20 +9,17 @@ backward).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from diffusers import ModelMixin  # noqa: F401  (diffusers' loader looks for it in this namespace)
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import Tensor, nn
 
-from .base import VelocityModelMixin, sinusoidal_embedding
-from .mlp import _ResBlock
+from .mlp import MLPVelocity
 
 __all__ = ["ConservativeVelocity"]
 
 
-class ConservativeVelocity(ModelMixin, ConfigMixin, VelocityModelMixin):
+class ConservativeVelocity(MLPVelocity):
     """``v_theta(x, t, y) = grad_x phi_theta(x, t, y)`` with ``phi`` a residual MLP (as :class:`MLPVelocity`) to a scalar.
 
     The gradient is taken inside ``forward`` with grad mode switched on, so the model also
@@ -44,34 +41,15 @@ class ConservativeVelocity(ModelMixin, ConfigMixin, VelocityModelMixin):
         num_classes: int = 0,
         dropout: float = 0.0,
     ):
-        super().__init__()
-        d_in = int(math.prod(sample_shape))
-        self.time_embed_dim = time_embed_dim
-        self.inp = nn.Linear(d_in, hidden_dim)
-        self.cond = nn.Sequential(nn.Linear(time_embed_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim))
-        self.label_embed = nn.Embedding(num_classes + 1, hidden_dim) if num_classes > 0 else None
-        self.blocks = nn.ModuleList(_ResBlock(hidden_dim, dropout) for _ in range(depth))
-        # no output biases: they shift phi by a constant, get no gradient through grad_x phi, and
-        # would be "unused parameters" under DDP
+        super().__init__(sample_shape, hidden_dim, depth, time_embed_dim, num_classes, dropout)
+        # the same trunk as MLPVelocity, projected to a scalar; no output biases: they shift phi
+        # by a constant, get no gradient through grad_x phi, and would be "unused parameters" under DDP
         self.out_norm = nn.LayerNorm(hidden_dim, bias=False)
         self.out = nn.Linear(hidden_dim, 1, bias=False)
-        for blk in self.blocks:
-            nn.init.zeros_(blk.net[-1].weight)
-            nn.init.zeros_(blk.net[-1].bias)
 
     def potential(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
         """The scalar ``phi(x, t, y)`` per sample, shape ``(B,)``."""
-        self._check_input(x)
-        b = x.shape[0]
-        c = self.cond(sinusoidal_embedding(t.reshape(-1).expand(b) if t.numel() == 1 else t, self.time_embed_dim).to(x.dtype))
-        labels = self._labels(class_labels, b, x.device)
-        if labels is not None:
-            c = c + self.label_embed(labels)
-        c = nn.functional.silu(c)
-        h = self.inp(x.reshape(b, -1))
-        for blk in self.blocks:
-            h = blk(h, c)
-        return self.out(self.out_norm(h)).reshape(b)
+        return self.out(self.hidden(x, t, class_labels)).reshape(x.shape[0])
 
     def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
         keep_graph = torch.is_grad_enabled()

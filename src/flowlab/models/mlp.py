@@ -61,7 +61,8 @@ class MLPVelocity(ModelMixin, ConfigMixin, VelocityModelMixin):
             nn.init.zeros_(blk.net[-1].weight)
             nn.init.zeros_(blk.net[-1].bias)
 
-    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def hidden(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """The normalised residual stream ``(B, hidden_dim)`` before the output projection."""
         self._check_input(x)
         b = x.shape[0]
         c = self.cond(sinusoidal_embedding(t.reshape(-1).expand(b) if t.numel() == 1 else t, self.time_embed_dim).to(x.dtype))
@@ -72,4 +73,7 @@ class MLPVelocity(ModelMixin, ConfigMixin, VelocityModelMixin):
         h = self.inp(x.reshape(b, -1))
         for blk in self.blocks:
             h = blk(h, c)
-        return self.out(self.out_norm(h)).reshape(x.shape)
+        return self.out_norm(h)
+
+    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        return self.out(self.hidden(x, t, class_labels)).reshape(x.shape)
