@@ -452,9 +452,10 @@ def sample_fd(pipe, evaluator, latents, labels, solver: str, steps: int, shift: 
                        latents=lat, output_type="pt")
             images, nfe = out.images, out.nfe
         except ValueError as e:
-            # FlowPipeline.__call__ with solver="dopri5" passes total=None to diffusers' progress_bar,
-            # which raises "Either `total` or `iterable` has to be defined." Do what the pipeline does
-            # without the progress bar: same field, solver, grid and output conversion.
+            # FlowPipeline.__call__ before b261f52 passed total=None to diffusers' progress_bar for
+            # dopri5, which raises "Either `total` or `iterable` has to be defined." Do what the
+            # pipeline does without the progress bar: same field, solver, grid and output conversion
+            # (checked bit-identical to the fixed pipeline's samples).
             if solver != "dopri5" or "total" not in str(e):
                 raise
             images, nfe = _solve_like_pipeline(pipe, lat, lab, solver, steps, shift)

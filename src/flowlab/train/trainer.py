@@ -220,6 +220,7 @@ class Trainer:
         if not self.recipe.data_parallel and acc.num_processes > 1:
             self._owners = self.recipe.parameter_owners(acc.unwrap_model(self.model), acc.num_processes)
         self._clip_groups = self.recipe.grad_clip_groups(acc.unwrap_model(self.model))
+        self._single_loss = type(self.recipe).training_losses is Recipe.training_losses
         self._ema_copy = None
         self.stream = _IndexStream(len(self.dataset), cfg.seed)
         self.in_memory = hasattr(self.dataset, "get_batch")
@@ -408,10 +409,18 @@ class Trainer:
                 ctx = self._context(step, micro)
                 last = micro == t.grad_accum_steps - 1
                 sync = (lambda: contextlib.nullcontext()) if last else (lambda: acc.no_sync(model))
-                parts, part_index = self.recipe.training_losses(model, batch, ctx), 0
+                if self._single_loss:  # the common case: one loss per micro-step, no generator round trip
+                    parts = iter((None,))
+                else:
+                    parts = self.recipe.training_losses(model, batch, ctx)
+                part_index = 0
                 while True:  # one part at a time: forward, backward, free its graph (Recipe.training_losses)
                     with sync(), acc.autocast():
-                        out = next(parts, None)
+                        out = next(parts, False)
+                        if out is None:
+                            out = self.recipe.training_step(model, batch, ctx)
+                        elif out is False:
+                            out = None
                     if out is None:
                         break
                     loss = out.loss
