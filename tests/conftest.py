@@ -42,3 +42,27 @@ def tiny_overrides(output_dir, *extra):
 @pytest.fixture(scope="session", autouse=True)
 def _flowlab_cache(tmp_path_factory):
     os.environ.setdefault("FLOWLAB_CACHE", str(tmp_path_factory.mktemp("flowlab_cache")))
+
+
+def run_checked(cmd, env=None):
+    """Run ``cmd`` in the repository root; fail the test with its output if it fails. Returns stdout+stderr."""
+    import subprocess
+
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res.stdout + res.stderr
+
+
+def launch_two_cpu_processes(*train_args):
+    """``train.py`` under ``accelerate launch`` as two gloo processes on the CPU (the form that works
+    without MPI), on a free port. Returns the combined log."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return run_checked(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), "train.py", *train_args],
+        env={"ACCELERATE_USE_CPU": "1"},
+    )

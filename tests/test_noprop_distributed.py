@@ -5,8 +5,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
-from test_distributed import _free_port, _run
+from conftest import launch_two_cpu_processes, run_checked, tiny_overrides
 
 EXTRA = ["recipe=noprop", "noprop.num_blocks=4", "noprop.hidden_dim=16", "noprop.channels=[4,8]", "noprop.dropout=0.0",
          "train.max_grad_norm=0", "train.max_steps=6", "train.checkpoint_every=0", "train.log_every=3", "eval.enabled=false"]
@@ -14,13 +13,8 @@ EXTRA = ["recipe=noprop", "noprop.num_blocks=4", "noprop.hidden_dim=16", "noprop
 
 def test_two_processes_train_disjoint_blocks_and_match_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    _run([sys.executable, "train.py", *tiny_overrides(one, *EXTRA)])
-    log = _run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-         "train.py", *tiny_overrides(two, *EXTRA)],
-        env={"ACCELERATE_USE_CPU": "1"},
-    )
+    run_checked([sys.executable, "train.py", *tiny_overrides(one, *EXTRA)])
+    log = launch_two_cpu_processes(*tiny_overrides(two, *EXTRA))
     assert "2 process(es) [MULTI_CPU]" in log, log[-2000:]  # two processes really ran
     # every process sees the whole batch (it splits blocks, not data)
     assert "global batch 32 = 32 x 1 accum on every process, parameters split across processes" in log, log[-2000:]
