@@ -15,13 +15,38 @@ from .. import models as _models  # noqa: F401  (diffusers' loader needs the com
 from ..flow.guidance import guided_field
 from .scheduling_flow import FlowScheduler
 
-__all__ = ["FlowPipeline", "FlowPipelineOutput"]
+__all__ = ["FlowPipeline", "FlowPipelineOutput", "check_output_type", "postprocess"]
 
 # x1 / epsilon predictions carry no velocity where sigma_t = 0 (t = 1) or alpha_t = 0 (t = 0): the
 # conversion divides by sigma_t / alpha_t (clamped at 1e-6), so a model error delta there becomes a
 # velocity error of delta * 1e6. Such models are read at t clamped to
 # [PREDICTION_T_EPS, 1 - PREDICTION_T_EPS] (a bias of order 1e-3; velocity models are read as is).
 PREDICTION_T_EPS = 1e-3
+
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def check_output_type(output_type: str, is_image: bool = True) -> None:
+    """Reject an unknown ``output_type``, and ``pil`` for vector samples."""
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+    if output_type == "pil" and not is_image:
+        raise ValueError("output_type='pil' needs an image model; this pipeline draws vectors: use 'np' or 'pt'")
+
+
+def postprocess(x: Tensor, output_type: str, is_image: bool = True):
+    """Model-space samples -> the requested output: images in [0, 1] as a tensor ``(B, C, H, W)``
+    (``pt``), numpy ``(B, H, W, C)`` (``np``) or PIL images (``pil``); ``latent`` and vector
+    samples are returned as drawn (numpy for ``np``)."""
+    if output_type != "latent" and is_image:
+        x = ((x.float() + 1) / 2).clamp(0, 1)
+    if output_type not in ("np", "pil"):
+        return x
+    arr = x.float().cpu().numpy()
+    if is_image:
+        arr = arr.transpose(0, 2, 3, 1)
+    return FlowPipeline.numpy_to_pil(arr) if output_type == "pil" else arr
 
 
 @dataclass
@@ -118,10 +143,7 @@ class FlowPipeline(DiffusionPipeline):
             output_type: ``pil``, ``np`` or ``pt`` (images in [0, 1]); vector models return raw samples.
             return_trajectory: also return the states at every grid time.
         """
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
-        if output_type == "pil" and not self.is_image_model:
-            raise ValueError("output_type='pil' needs an image model; this pipeline draws vectors: use 'np' or 'pt'")
+        check_output_type(output_type, self.is_image_model)
         if latents is not None and batch_size == 1:
             batch_size = latents.shape[0]
         labels, batch_size = self._labels(class_labels, batch_size)
@@ -149,15 +171,7 @@ class FlowPipeline(DiffusionPipeline):
 
             out = solver_obj.solve(counted, latents, times, return_trajectory=return_trajectory)
 
-        images = out.x
-        if output_type != "latent" and self.is_image_model:
-            images = ((images.float() + 1) / 2).clamp(0, 1)
-        if output_type in ("np", "pil"):
-            images = images.float().cpu().numpy()
-            if self.is_image_model:
-                images = images.transpose(0, 2, 3, 1)
-            if output_type == "pil":
-                images = self.numpy_to_pil(images)
+        images = postprocess(out.x, output_type, self.is_image_model)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)

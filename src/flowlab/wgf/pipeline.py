@@ -10,7 +10,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from ..flow.likelihood import LikelihoodOutput
-from ..pipelines.flow_pipeline import FlowPipelineOutput
+from ..pipelines.flow_pipeline import FlowPipelineOutput, check_output_type, postprocess
 from .flow import ProbabilityFlow
 
 __all__ = ["WGFPipeline"]
@@ -85,8 +85,7 @@ class WGFPipeline(DiffusionPipeline):
             prediction_type: override the scheduler's (``epsilon``, ``sample``, ``v_prediction``, ``score``).
             output_type: ``pil``, ``np``, ``pt`` (images in [0, 1]) or ``latent`` (raw, model space).
         """
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        check_output_type(output_type)
         solver = solver or ("multistep" if eta == 0 else "euler")
         if latents is not None:
             batch_size = latents.shape[0]
@@ -99,15 +98,7 @@ class WGFPipeline(DiffusionPipeline):
             class_labels = torch.as_tensor(class_labels, device=self.device).long().reshape(-1).expand(batch_size)
         flow = self.probability_flow(prediction_type, class_labels, timestep_input)
         out = flow.sample(latents.to(self.device), num_inference_steps, solver, eta=eta, shift=shift, generator=generator, return_trajectory=return_trajectory)
-        images = out.x
-        if output_type != "latent":
-            images = ((images.float() + 1) / 2).clamp(0, 1)
-        if output_type in ("np", "pil"):
-            images = images.cpu().numpy().transpose(0, 2, 3, 1)
-            if output_type == "pil":
-                from .. import FlowPipeline
-
-                images = FlowPipeline.numpy_to_pil(images)
+        images = postprocess(out.x, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
