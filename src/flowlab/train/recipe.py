@@ -146,7 +146,10 @@ def register_recipe(name: str):
 
 # Modules that define built-in recipes (imported on demand: each registers its recipe and any
 # config section of its own). A new recipe adds its module here.
-BUILTIN_RECIPE_MODULES = ["flowlab.train.flow_matching", "flowlab.noprop.recipe"]
+BUILTIN_RECIPE_MODULES = [
+    "flowlab.train.flow_matching",
+    "flowlab.noprop.recipe",
+]
 
 
 def import_builtin_recipes() -> None:
