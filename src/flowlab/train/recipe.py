@@ -118,6 +118,11 @@ class Recipe(ABC):
         """Parameter groups clipped separately to ``train.max_grad_norm`` (``None``: one global norm)."""
         return None
 
+    def on_step_end(self, model: nn.Module, step: int) -> dict | None:
+        """Called on every process after each successful optimiser step ``step`` (0-based) with the
+        unwrapped model, e.g. to soft-update an RL recipe's old policy. Returns extra logs or ``None``."""
+        return None
+
     def sample_images(self, model: nn.Module, num_images: int, generator: torch.Generator) -> Tensor | None:
         """Samples for a grid: images ``(N, C, H, W)`` in [0, 1] or vectors ``(N, D)``; ``None`` to skip."""
         return None

@@ -211,7 +211,11 @@ class Trainer:
             self.model, self.optimizer = acc.prepare(model, optimizer)
         else:  # not wrapped for data parallelism: no gradient all-reduce
             self.model, self.optimizer = model.to(acc.device), acc.prepare(optimizer)
-        self.ema = EMAModel(self.model.parameters(), decay=t.ema_decay, foreach=True)
+        # EMA over the trained parameters only (frozen ones, e.g. a LoRA base or an RL recipe's
+        # old-policy copy, would only cost memory); `_ema_mask` says which of the unwrapped model's
+        # parameters the shadow list follows.
+        self._ema_mask = [p.requires_grad for p in acc.unwrap_model(self.model).parameters()]
+        self.ema = EMAModel(self._ema_params(self.model), decay=t.ema_decay, foreach=True)
         self.ema.to(acc.device)
         acc.register_for_checkpointing(self.lr_scheduler, self.ema)
         if not self.recipe.data_parallel:
@@ -225,6 +229,11 @@ class Trainer:
         self.stream = _IndexStream(len(self.dataset), cfg.seed)
         self.in_memory = hasattr(self.dataset, "get_batch")
 
+    def _ema_params(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """The parameters of ``model`` (wrapped or not, or a copy) that the EMA follows."""
+        params = list(self.accelerator.unwrap_model(model).parameters())
+        return [p for p, keep in zip(params, self._ema_mask) if keep]
+
     def _sync_owned(self) -> None:
         """Parameter-owning recipes (``data_parallel = False``): broadcast each parameter, its EMA and each
         buffer from the process that trains it, so every process holds the whole trained model."""
@@ -233,10 +242,12 @@ class Trainer:
         import torch.distributed as dist
 
         model = self.accelerator.unwrap_model(self.model)
-        for (name, p), shadow in zip(model.named_parameters(), self.ema.shadow_params):
+        shadows = iter(self.ema.shadow_params)
+        for (name, p), tracked in zip(model.named_parameters(), self._ema_mask):
             src = self._owners.get(name, 0)
             dist.broadcast(p.data, src=src)
-            dist.broadcast(shadow.data, src=src)
+            if tracked:
+                dist.broadcast(next(shadows).data, src=src)
         for name, b in model.named_buffers():
             dist.broadcast(b.data, src=self._owners.get(name, 0))
 
@@ -245,7 +256,11 @@ class Trainer:
         if self._ema_copy is None:
             self._ema_copy = copy.deepcopy(self.accelerator.unwrap_model(self.model))
             self._ema_copy.requires_grad_(False)
-        self.ema.copy_to(self._ema_copy.parameters())
+        self.ema.copy_to(self._ema_params(self._ema_copy))
+        frozen = [p for p, keep in zip(self._ema_copy.parameters(), self._ema_mask) if not keep]
+        live = [p for p, keep in zip(self.accelerator.unwrap_model(self.model).parameters(), self._ema_mask) if not keep]
+        for dst, src in zip(frozen, live):  # parameters outside the EMA (e.g. an old-policy copy) follow the model
+            dst.data.copy_(src.data)
         self._ema_copy.eval()
         return self._ema_copy
 
@@ -448,7 +463,10 @@ class Trainer:
                     grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                 optimizer.step()
                 self.lr_scheduler.step()
-                self.ema.step(model.parameters())
+                self.ema.step(self._ema_params(model))
+                step_logs = self.recipe.on_step_end(acc.unwrap_model(model), step)
+                if step_logs:
+                    extra_logs = {**extra_logs, **step_logs}
                 nonfinite_run = 0
                 window_loss += step_loss
                 window_n += 1
