@@ -12,6 +12,7 @@ import math
 
 import torch
 from diffusers import ModelMixin  # noqa: F401  (diffusers' loader looks for it in this namespace)
+from diffusers.loaders import PeftAdapterMixin
 from torch import Tensor, nn
 
 __all__ = ["sinusoidal_embedding", "VelocityModelMixin", "set_attention_backend", "ATTENTION_BACKENDS"]
@@ -28,8 +29,12 @@ def sinusoidal_embedding(t: Tensor, dim: int, scale: float = 1000.0) -> Tensor:
     return emb if dim % 2 == 0 else torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=1)
 
 
-class VelocityModelMixin:
-    """Helpers shared by velocity networks (mixed into ``ModelMixin`` subclasses)."""
+class VelocityModelMixin(PeftAdapterMixin):
+    """Helpers shared by velocity networks (mixed into ``ModelMixin`` subclasses).
+
+    Through diffusers' ``PeftAdapterMixin`` every velocity network takes peft LoRA adapters:
+    ``add_adapter``, ``set_adapter``, ``disable_adapters``, ``save_lora_adapter`` / ``load_lora_adapter``.
+    """
 
     @property
     def sample_shape(self) -> tuple[int, ...]:

@@ -26,6 +26,8 @@ __all__ = [
     "TrainConfig",
     "SampleConfig",
     "EvalConfig",
+    "HubConfig",
+    "check_hub_config",
     "load_config",
     "config_from_dict",
     "config_to_dict",
@@ -154,6 +156,22 @@ class EvalConfig:
 
 
 @dataclass
+class HubConfig:
+    """``hub``: push the trained artefact to the Hugging Face Hub at the end of training.
+
+    There is deliberately no ``token`` key: a token in a config would be saved in
+    ``config.yaml`` and pushed with the model. The token comes from ``HF_TOKEN`` or the
+    cached ``hf auth login`` (``huggingface-cli login``).
+    """
+
+    push: bool = False  # push from the main process when training ends (needs repo_id)
+    repo_id: Optional[str] = None  # "user/name" or "org/name"
+    private: bool = False  # create the repo private (ignored if it exists)
+    revision: Optional[str] = None  # branch to commit to (created if missing); None: main
+    license: str = "apache-2.0"  # the model card's license (a Hub license id)
+
+
+@dataclass
 class Config:
     """A whole run. ``recipe`` picks the training recipe (``flow_matching``).
 
@@ -170,7 +188,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
+    hub: HubConfig = field(default_factory=HubConfig)
 
     def __getattr__(self, name: str):
         # only reached when normal lookup fails: recipe-specific sections, defaults if not given
@@ -212,6 +230,10 @@ def _check_value(value: Any, tp, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list of {_type_name(args[0])}, got {type(value).__name__} {value!r}")
         return [_check_value(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:  # free-form mappings (e.g. reward specs), checked by their consumer
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of keys, got {type(value).__name__} {value!r}")
+        return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {type(value).__name__} {value!r}")
@@ -281,6 +303,7 @@ def config_from_dict(data: dict) -> Config:
     from .recipe import import_builtin_recipes
 
     import_builtin_recipes()  # recipes register their config sections on import
+    _reject_hub_token(data)
     cfg = _build(Config, data, "")
     _cross_checks(cfg)
     return cfg
@@ -294,6 +317,35 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(f"data.path: required when data.name={cfg.data.name!r} (a folder of images or a dataset name)")
     if cfg.model.type in ("mlp", "conservative") and cfg.model.attention == "xformers":
         raise ConfigError(f"model.attention: xformers applies to attention models (unet, dit); model.type={cfg.model.type} has no attention")
+
+
+def _reject_hub_token(data: Any) -> None:
+    """A token never goes in a config (it would be written to config.yaml and pushed with the model)."""
+    hub = data.get("hub") if isinstance(data, dict) else None
+    if isinstance(hub, dict) and "token" in hub:
+        raise ConfigError(
+            "'hub.token': tokens are not accepted in configs (they would be saved in config.yaml and pushed with "
+            "the model); set the HF_TOKEN environment variable or log in once with `hf auth login` "
+            "(`huggingface-cli login` in older huggingface_hub releases)"
+        )
+
+
+def check_hub_config(cfg: Config) -> None:
+    """Start-up checks of the ``hub`` section for a run that will push (raises :class:`ConfigError`).
+
+    Called by the command line before training (not by :func:`config_from_dict`: these checks
+    relate keys to each other and to the Hub's naming rules, which matter only to a run that pushes).
+    """
+    h = cfg.hub
+    if h.push and not h.repo_id:
+        raise ConfigError("hub.repo_id: required when hub.push=true (e.g. hub.repo_id=your-name/flowlab-digits)")
+    if h.repo_id is not None:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(h.repo_id)
+        except HFValidationError as e:
+            raise ConfigError(f"hub.repo_id: {h.repo_id!r} is not a valid Hub repo id ('user/name'): {e}") from None
 
 
 def config_to_dict(cfg: Config) -> dict:
