@@ -154,6 +154,7 @@ def register_recipe(name: str):
 BUILTIN_RECIPE_MODULES = [
     "flowlab.train.flow_matching",
     "flowlab.noprop.recipe",
+    "flowlab.nft.recipe",
 ]
 
 

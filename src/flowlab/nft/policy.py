@@ -1,0 +1,256 @@
+"""Policies for online RL on flow models: the trained generator, its old (rollout) policy and its reference.
+
+A :class:`Policy` is one ``nn.Module`` holding all three, so the shared trainer prepares,
+checkpoints and resumes it as a whole (the old policy is part of the state: a resumed run
+continues from exactly the same lagged weights). Its ``forward`` is the *current* velocity, the
+only one with gradients, so data-parallel wrappers see one forward per backward; the old
+policy and the reference are evaluated through :meth:`Policy.velocity` under ``no_grad``.
+
+Two ways to hold the three roles:
+
+* **full fine-tuning**: ``old`` (and ``ref`` when a KL term needs it) are frozen copies;
+* **LoRA** (peft, through diffusers' ``PeftAdapterMixin``): the network carries two adapters,
+  ``default`` (trained) and ``old`` (soft-updated copy); the reference is the network with its
+  adapters disabled, i.e. the base model, for free.
+
+Every velocity is in flowlab's convention (``t = 0`` noise, ``t = 1`` data, ``u = data - noise``).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from abc import abstractmethod
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..flow.paths import AffinePath
+
+__all__ = ["Policy", "FlowPolicy", "LoraSpec", "ROLES"]
+
+ROLES = ("current", "old", "ref")
+
+
+class LoraSpec:
+    """LoRA settings: rank ``r``, scaling ``alpha`` and the target module names (peft ``target_modules``)."""
+
+    def __init__(self, rank: int, alpha: float, target_modules: Sequence[str]):
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.rank, self.alpha, self.target_modules = int(rank), float(alpha), list(target_modules)
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=self.target_modules, init_lora_weights=True)
+
+
+def add_policy_adapters(network: nn.Module, lora: LoraSpec) -> None:
+    """Give ``network`` (a diffusers ``PeftAdapterMixin`` model) the adapters ``default`` (trained) and
+    ``old`` (a frozen copy of it), with ``default`` active; everything else is frozen."""
+    network.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        network.add_adapter(lora.peft_config(), adapter_name="default")
+        network.add_adapter(lora.peft_config(), adapter_name="old")
+    pairs = adapter_pairs(network)
+    if not pairs:
+        raise ValueError(f"LoRA target modules {lora.target_modules} matched no layer of {type(network).__name__}")
+    with torch.no_grad():
+        for cur, old in pairs:
+            old.copy_(cur)
+    network.set_adapter("default")
+
+
+def adapter_pairs(network: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """``(default, old)`` LoRA parameter pairs of ``network``, matched by name."""
+    params = dict(network.named_parameters())
+    pairs = []
+    for name, p in params.items():
+        if ".default." in name and "lora_" in name:
+            twin = params.get(name.replace(".default.", ".old."))
+            if twin is not None:
+                pairs.append((p, twin))
+    return pairs
+
+
+class Policy(nn.Module):
+    """Base class of RL policies over a flow model (see the module docstring).
+
+    Subclasses implement :meth:`_velocity` (one role's velocity ``(B, ...)`` at flowlab times ``t`` ``(B,)``),
+    :meth:`encode` (conditions of a batch of prompts/labels), :meth:`decode` (samples -> images in [0, 1]
+    for rewards), :attr:`sample_shape`, :attr:`path` and :meth:`save`.
+    """
+
+    lora: LoraSpec | None = None
+
+    # ----------------------------------------------------------------- roles
+    def forward(self, x: Tensor, t: Tensor, cond: Any) -> Tensor:
+        """The current policy's velocity (with gradients)."""
+        return self._velocity(x, t, cond, "current")
+
+    def velocity(self, x: Tensor, t: Tensor, cond: Any, role: str = "current") -> Tensor:
+        """The velocity of ``role`` (``current``, ``old`` or ``ref``)."""
+        if role not in ROLES:
+            raise ValueError(f"unknown policy role {role!r}; choose one of {ROLES}")
+        return self._velocity(x, t, cond, role)
+
+    @abstractmethod
+    def _velocity(self, x: Tensor, t: Tensor, cond: Any, role: str) -> Tensor: ...
+
+    @property
+    @abstractmethod
+    def network(self) -> nn.Module:
+        """The trained network (carrying the LoRA adapters, if any)."""
+
+    @property
+    @abstractmethod
+    def sample_shape(self) -> tuple[int, ...]: ...
+
+    @property
+    @abstractmethod
+    def path(self) -> AffinePath: ...
+
+    @abstractmethod
+    def encode(self, conditions: list) -> Any:
+        """Model conditioning for a list of conditions (class labels or prompts), batched."""
+
+    @abstractmethod
+    def decode(self, x: Tensor) -> Tensor:
+        """Samples ``(B, *sample_shape)`` -> images ``(B, C, H, W)`` in [0, 1] (what rewards score)."""
+
+    @abstractmethod
+    def save(self, directory: str) -> None:
+        """Write the fine-tuned artefact (a pipeline, and the LoRA adapter if there is one)."""
+
+    # ----------------------------------------------------------------- role switching
+    @contextlib.contextmanager
+    def _role(self, role: str):
+        """Make ``self.network`` compute ``role`` (LoRA: switch or disable adapters)."""
+        net = self.network
+        if self.lora is None or role == "current":
+            yield net
+            return
+        if role == "old":
+            net.set_adapter("old")
+            try:
+                yield net
+            finally:
+                net.set_adapter("default")
+                for _, old in adapter_pairs(net):
+                    old.requires_grad_(False)
+        else:  # ref: the base model
+            net.disable_adapters()
+            try:
+                yield net
+            finally:
+                net.enable_adapters()
+                net.set_adapter("default")
+                for _, old in adapter_pairs(net):
+                    old.requires_grad_(False)
+
+    def role_module(self, role: str) -> nn.Module | None:
+        """Full fine-tuning: the frozen module of ``old`` / ``ref`` (``None`` for LoRA or ``current``)."""
+        return None
+
+    @torch.no_grad()
+    def update_old(self, decay: float) -> None:
+        """Soft update ``theta_old <- decay * theta_old + (1 - decay) * theta`` (``decay = 0`` copies)."""
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"old-policy decay must lie in [0, 1], got {decay}")
+        if self.lora is not None:
+            pairs = adapter_pairs(self.network)
+        else:
+            old = self.role_module("old")
+            pairs = list(zip(self.network.parameters(), old.parameters()))
+        for cur, old in pairs:
+            old.lerp_(cur.detach().to(old.dtype), 1.0 - decay)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+class FlowPolicy(Policy):
+    """A flowlab velocity network (from a :class:`~flowlab.pipelines.FlowPipeline`) as an RL policy.
+
+    Conditions are class labels (``None`` -> the null class, i.e. unconditional sampling of a
+    class-conditional model). ``decode`` maps the model's [-1, 1] images to [0, 1].
+
+    Args:
+        network: the pipeline's ``velocity_model`` (trained in place).
+        scheduler: the pipeline's ``FlowScheduler`` (path and prediction type).
+        lora: LoRA settings, or ``None`` for full fine-tuning.
+        reference: keep a frozen copy of the base model for a KL term (full fine-tuning only;
+            with LoRA the reference is the adapter-free network).
+    """
+
+    def __init__(self, network: nn.Module, scheduler, lora: LoraSpec | None = None, reference: bool = False):
+        super().__init__()
+        self.scheduler = scheduler
+        self.lora = lora
+        self.current = network
+        if lora is not None:
+            add_policy_adapters(network, lora)
+        else:
+            network.requires_grad_(True)
+            self.old = copy.deepcopy(network).requires_grad_(False)
+            if reference:
+                self.ref = copy.deepcopy(network).requires_grad_(False)
+
+    @property
+    def network(self) -> nn.Module:
+        return self.current
+
+    def role_module(self, role: str) -> nn.Module | None:
+        if self.lora is not None or role == "current":
+            return None
+        mod = getattr(self, role, None)
+        if mod is None:
+            raise ValueError(f"this policy keeps no {role!r} model (a KL term needs reference=True)")
+        return mod
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.current.sample_shape)
+
+    @property
+    def path(self) -> AffinePath:
+        return self.scheduler.path
+
+    def _velocity(self, x, t, cond, role):
+        mod = self.role_module(role)
+        with self._role(role) as net:
+            out = (mod or net)(x, t.to(x.dtype), cond)
+        return self.scheduler.to_velocity(out, x, t)
+
+    def encode(self, conditions: list) -> Tensor | None:
+        net = self.current
+        if net.num_classes == 0:
+            if any(c is not None for c in conditions):
+                raise ValueError("the base model is unconditional; conditions must be None")
+            return None
+        labels = [net.null_label if c is None else int(c) for c in conditions]
+        return torch.tensor(labels, dtype=torch.long, device=next(net.parameters()).device)
+
+    def decode(self, x: Tensor) -> Tensor:
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    def merged_network(self) -> nn.Module:
+        """A plain copy of the current network (LoRA merged into the weights)."""
+        net = copy.deepcopy(self.current)
+        if self.lora is not None:
+            net.delete_adapters("old")
+            net.set_adapter("default")
+            net.fuse_lora(adapter_names=["default"])
+            net.unload_lora()
+        return net.requires_grad_(False)
+
+    def save(self, directory: str) -> None:
+        from ..pipelines import FlowPipeline
+
+        pipe = FlowPipeline(velocity_model=self.merged_network(), scheduler=self.scheduler)
+        pipe.save_pretrained(directory)
+        if self.lora is not None:
+            self.current.save_lora_adapter(f"{directory}/lora", adapter_name="default")
