@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..flow.guidance import guided_field
 from ..flow.paths import AffinePath
 
 __all__ = ["Policy", "FlowPolicy", "LoraSpec", "ROLES"]
@@ -99,6 +100,13 @@ class Policy(nn.Module):
 
     @abstractmethod
     def _velocity(self, x: Tensor, t: Tensor, cond: Any, role: str) -> Tensor: ...
+
+    def field(self, cond: Any, role: str = "current", guidance_scale: float = 1.0):
+        """The sampling field ``(x, t) -> u`` of ``role`` for conditioning ``cond`` (batched like ``x``).
+        Policies that support classifier-free guidance override this for ``guidance_scale != 1``."""
+        if guidance_scale != 1.0:
+            raise ValueError(f"{type(self).__name__} does not support guidance_scale={guidance_scale}; use 1.0")
+        return lambda x, t: self.velocity(x, t, cond, role)
 
     @property
     @abstractmethod
@@ -224,6 +232,13 @@ class FlowPolicy(Policy):
         with self._role(role) as net:
             out = (mod or net)(x, t.to(x.dtype), cond)
         return self.scheduler.to_velocity(out, x, t)
+
+    def field(self, cond, role="current", guidance_scale=1.0):
+        if guidance_scale == 1.0:
+            return super().field(cond, role)
+        if self.current.num_classes == 0:
+            raise ValueError("guidance_scale != 1 needs a class-conditional base model")
+        return guided_field(lambda x, t, c: self.velocity(x, t, c, role), cond, guidance_scale, self.current.null_label)
 
     def encode(self, conditions: list) -> Tensor | None:
         net = self.current

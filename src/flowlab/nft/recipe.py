@@ -30,7 +30,6 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from ..flow.guidance import guided_field
 from ..flow.parameterization import to_x1
 from ..flow.sde import flow_sde_step, sample_flow_sde
 from ..flow.solvers import get_solver, time_grid
@@ -250,11 +249,7 @@ class RLRecipe(Recipe):
         return model.module if hasattr(model, "module") else model
 
     def _field(self, policy: Policy, cond, role: str):
-        rl = self.rl
-        if rl.guidance_scale != 1.0 and isinstance(policy, FlowPolicy):
-            null = policy.network.null_label
-            return guided_field(lambda x, t, c: policy.velocity(x, t, c, role), cond, rl.guidance_scale, null)
-        return lambda x, t: policy.velocity(x, t, cond, role)
+        return policy.field(cond, role, self.rl.guidance_scale)
 
     def _score(self, policy: Policy, chunks: list[tuple[Tensor, list]]) -> Tensor:
         """Rewards of decoded samples, chunk by chunk (overlapping with the caller when asynchronous)."""
