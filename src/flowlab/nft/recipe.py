@@ -30,13 +30,13 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from ..flow.parameterization import to_x1
 from ..flow.sde import flow_sde_step, sample_flow_sde
 from ..flow.solvers import get_solver, time_grid
 from ..flow.time_samplers import build_time_sampler
 from ..train.config import Config, ConfigError, register_config_section
 from ..train.recipe import Recipe, StepContext, StepOutput, register_recipe
 from .advantages import group_advantages, optimality_probability
+from .losses import grpo_loss, nft_loss
 from .policy import FlowPolicy, LoraSpec, Policy
 
 __all__ = ["RLConfig", "NFTConfig", "GRPOConfig", "RLRecipe", "NFTRecipe", "FlowGRPORecipe", "ConditionDataset"]
@@ -435,21 +435,8 @@ class NFTRecipe(RLRecipe):
             u_theta = model(ps.x_t, t, cond)
             with torch.no_grad():
                 u_old = policy.velocity(ps.x_t, t, cond, "old")
-            u_pos = (1 - beta) * u_old + beta * u_theta
-            u_neg = (1 + beta) * u_old - beta * u_theta
-            rr = r.repeat_interleave(kk).to(x.dtype)
-            rr_ = rr.reshape(-1, *([1] * (x.ndim - 1)))
-            if nft.loss == "velocity":
-                per = (rr_ * (u_pos - ps.dx_t) ** 2 + (1 - rr_) * (u_neg - ps.dx_t) ** 2).flatten(1).mean(1)
-            else:
-                x_pos = to_x1(path, u_pos, ps.x_t, t.to(x.dtype), "velocity")
-                x_neg = to_x1(path, u_neg, ps.x_t, t.to(x.dtype), "velocity")
-                with torch.no_grad():
-                    w_pos = (x_pos.double() - x.double()).abs().flatten(1).mean(1).clamp_min(1e-5).to(x.dtype)
-                    w_neg = (x_neg.double() - x.double()).abs().flatten(1).mean(1).clamp_min(1e-5).to(x.dtype)
-                pos = ((x_pos - x) ** 2).flatten(1).mean(1) / w_pos
-                neg = ((x_neg - x) ** 2).flatten(1).mean(1) / w_neg
-                per = (rl.adv_clip or 5.0) * (rr * pos + (1 - rr) * neg) / beta
+            rr = r.repeat_interleave(kk)
+            per = nft_loss(u_theta, u_old, ps.dx_t, rr, beta, nft.loss, path, ps.x_t, t, x, scale=rl.adv_clip or 5.0)
             logs = {}
             if nft.kl_coef > 0:
                 with torch.no_grad():
@@ -527,9 +514,7 @@ class FlowGRPORecipe(RLRecipe):
             cond = _repeat_cond(ro.cond, kk)
             u = model(x_k, t, cond)
             step = flow_sde_step(x_k, u, t, t_next, g.noise_level, t_cap, x_next=x_next)
-            ratio = torch.exp(step.log_prob - lp_old.to(step.log_prob.dtype))
-            a = adv.repeat_interleave(kk).to(ratio.dtype)
-            per = torch.maximum(-a * ratio, -a * ratio.clamp(1 - g.clip_range, 1 + g.clip_range))
+            per, ratio = grpo_loss(step.log_prob, lp_old, adv.repeat_interleave(kk), g.clip_range)
             logs = {}
             if g.kl_coef > 0:
                 with torch.no_grad():
