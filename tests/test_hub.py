@@ -693,3 +693,86 @@ def test_redaction_helpers():
     assert red["num_tokens"] == 5
     assert scrub_token("Authorization: Bearer abc.def", None) == "Authorization: Bearer <redacted>"
     assert scrub_token("x my-custom-token-value y", "my-custom-token-value") == "x <redacted> y"
+
+
+# --------------------------------------------------------------------------- other artefact layouts (dry runs)
+
+
+def _fake_run(root: Path, recipe: str, artefact: str, files: dict[str, bytes], extra_config: str = "") -> Path:
+    """A finished run folder of ``recipe`` whose artefact folder holds ``files``."""
+    root.mkdir(parents=True)
+    (root / "config.yaml").write_text(f"recipe: {recipe}\ndata:\n  name: digits\n{extra_config}")
+    (root / "metrics.jsonl").write_text('{"step": 10, "loss": 0.5, "eval/accuracy": 0.93}\n{"step": 20, "loss": 0.25}\n')
+    for rel, data in files.items():
+        (root / artefact / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / artefact / rel).write_bytes(data)
+    for junk in ("checkpoints/checkpoint-20/model.safetensors", "logs/events.out", "samples/step_0000010.png", "samples/step_0000020.png"):
+        (root / junk).parent.mkdir(parents=True, exist_ok=True)
+        (root / junk).write_bytes(junk.encode())
+    return root
+
+
+def test_lora_artefact_with_a_recipe_card_data_hook(tmp_path, monkeypatch):
+    """A future RL recipe whose artefact is a diffusers LoRA folder and which contributes card fields."""
+    from flowlab.train.recipe import RECIPES, Recipe
+
+    class ToyLoRARecipe(Recipe):
+        name, artifact_name = "toy_lora", "lora"
+
+        def build_dataset(self):  # pragma: no cover - never trained here
+            raise NotImplementedError
+
+        build_model = training_step = build_dataset
+
+        def card_data(self):
+            return {"base_model": "stabilityai/stable-diffusion-3.5-medium", "tags": ["diffusion-nft", "lora"], "license": "other"}
+
+    monkeypatch.setitem(RECIPES, "toy_lora", ToyLoRARecipe)
+    run = _fake_run(tmp_path / "run", "toy_lora", "lora", {"pytorch_lora_weights.safetensors": b"\x00weights", "README.md": b"peft card"})
+    before = _tree_digest(run)
+    res = push_to_hub(run, "gina/sd35-nft", dry_run=True, preview_dir=tmp_path / "preview")
+    assert set(res.paths_in_repo) == {"README.md", "pytorch_lora_weights.safetensors", "samples/grid.png", "config.yaml", "metrics.jsonl"}
+    grid = next(f for f in res.files if f.path_in_repo == "samples/grid.png")
+    assert grid.source.endswith("step_0000020.png")  # the last grid
+    card = Path(res.card_path).read_text()
+    meta = _front_matter(card)
+    assert meta["base_model"] == "stabilityai/stable-diffusion-3.5-medium" and meta["license"] == "other"
+    assert meta["tags"][:3] == ["flowlab", "flow-matching", "toy-lora"] and {"diffusion-nft", "lora"} <= set(meta["tags"])
+    assert meta["tags"].count("lora") == 1
+    assert 'pipe.load_lora_weights("gina/sd35-nft")' in card and "stable-diffusion-3.5-medium" in card
+    assert "| `eval/accuracy` | 0.93 | 10 |" in card and "| `loss` | 0.25 | 20 |" in card
+    assert card.index("eval/accuracy") < card.index("`loss`")
+    assert _tree_digest(run) == before
+
+
+def test_noprop_and_transformers_artefacts(tmp_path, monkeypatch):
+    from flowlab.train.recipe import RECIPES, Recipe
+
+    run = _fake_run(tmp_path / "noprop", "noprop", "classifier",
+                    {"config.json": b'{"_class_name": "NoPropClassifier"}', "diffusion_pytorch_model.safetensors": b"\x00w"})
+    res = push_to_hub(run, "hana/noprop-digits", dry_run=True, preview_dir=tmp_path / "p1")
+    assert {"config.json", "diffusion_pytorch_model.safetensors"} <= set(res.paths_in_repo)
+    card = Path(res.card_path).read_text()
+    assert _front_matter(card)["pipeline_tag"] == "image-classification"
+    assert 'NoPropClassifier.from_pretrained("hana/noprop-digits")' in card
+
+    class ToyJepaRecipe(Recipe):
+        name, artifact_name = "toy_jepa", "model"
+        build_dataset = build_model = training_step = lambda *a: None
+
+    monkeypatch.setitem(RECIPES, "toy_jepa", ToyJepaRecipe)
+    run = _fake_run(tmp_path / "jepa", "toy_jepa", "model", {"config.json": b'{"architectures": ["X"]}', "model.safetensors": b"\x00w"},
+                    extra_config="wandb:\n  api_key: abc123secret\n  project: p\n")
+    res = push_to_hub(run, "ivan/jepa", dry_run=True, preview_dir=tmp_path / "p2")
+    card = Path(res.card_path).read_text()
+    assert 'AutoModel.from_pretrained("ivan/jepa")' in card and "transformers" in _front_matter(card)["tags"]
+    # secret-looking config values are redacted in the card and in the uploaded config.yaml
+    assert "abc123secret" not in card and "api_key: <redacted>" in card
+    cfg = next(f for f in res.files if f.path_in_repo == "config.yaml")
+    assert cfg.source is None and b"abc123secret" not in cfg.content and b"project: p" in cfg.content
+    assert b"abc123secret" in (run / "config.yaml").read_bytes()  # the local run is untouched
+
+    # pickle-based weights are never published
+    (run / "model" / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(HubError, match="pytorch_model.bin.*safetensors"):
+        push_to_hub(run, "ivan/jepa", dry_run=True)
