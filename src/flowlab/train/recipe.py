@@ -155,6 +155,7 @@ BUILTIN_RECIPE_MODULES = [
     "flowlab.train.flow_matching",
     "flowlab.noprop.recipe",
     "flowlab.nft.recipe",
+    "flowlab.jepa.recipe",
 ]
 
 

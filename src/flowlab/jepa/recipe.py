@@ -1,0 +1,218 @@
+"""Reversal recipes for the shared Trainer: ``recipe: reversal_ar`` (GPT-2 baseline) and
+``recipe: reversal_jepa`` (JEPA concept model; ``reversal.memory: true`` for the memory variant).
+
+Both read the ``reversal:`` config section, generate (or read) the synthetic facts of
+:mod:`flowlab.data.reversal`, train on the ``train`` split and evaluate accuracy / MRR over all
+entities on ``seen`` (group A, trained), ``forward`` (group B, trained direction) and
+``reverse`` (group B, held-out direction). The artefact ``<output_dir>/model`` holds the model
+(``save_pretrained``) and, under ``model/data``, the dataset it was trained on (JSONL).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..data.base import DataError
+from ..data.reversal import (
+    ReversalData,
+    ReversalFactDataset,
+    ReversalSpec,
+    generate_reversal_data,
+    read_reversal_data,
+    write_reversal_data,
+)
+from ..train.config import Config, ConfigError, register_config_section
+from ..train.recipe import Recipe, StepContext, StepOutput, register_recipe
+from .metrics import ranking_metrics
+from .models import JEPAConceptModel, JEPAConfig, ReversalGPT2, ReversalGPT2Config
+
+__all__ = [
+    "ReversalConfig",
+    "ReversalARRecipe",
+    "ReversalJEPARecipe",
+    "build_reversal_data",
+    "evaluate_reversal",
+    "load_reversal_model",
+    "EVAL_SPLITS",
+]
+
+EVAL_SPLITS = ("seen", "forward", "reverse")
+
+
+def _choices(*v, **kw):
+    return {"choices": v, **kw}
+
+
+@dataclass
+class ReversalConfig:
+    """``reversal:``: data sizes, model sizes and evaluation of the reversal recipes (see docs/jepa.md)."""
+
+    # data (flowlab.data.reversal)
+    data_dir: Optional[str] = None  # read the splits written by write_reversal_data instead of generating
+    num_entities_a: int = field(default=2000, metadata={"min": 2})  # both directions trained
+    num_entities_b: int = field(default=1000, metadata={"min": 2})  # one direction trained, the other held out
+    num_relations: int = field(default=6, metadata={"min": 1})
+    facts_per_entity: int = field(default=1, metadata={"min": 1})
+    names: str = field(default="multi", metadata=_choices("single", "multi"))
+    names_share: int = field(default=10, metadata={"min": 2})  # entities per shared first / last token
+    data_seed: Optional[int] = field(default=None, metadata={"min": 0})  # None: the run's seed
+    # model
+    hidden_size: int = field(default=128, metadata={"min": 8})
+    num_heads: int = field(default=4, metadata={"min": 1})
+    mlp_ratio: int = field(default=4, metadata={"min": 1})
+    dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
+    num_layers: int = field(default=4, metadata={"min": 1})  # reversal_ar
+    position_embeddings: bool = True  # reversal_ar: False removes GPT-2's positional embeddings
+    encoder_layers: int = field(default=2, metadata={"min": 1})  # reversal_jepa (ignored with memory)
+    predictor_layers: int = field(default=2, metadata={"min": 1})  # reversal_jepa
+    memory: bool = False  # reversal_jepa: mean-pool + top-1 key-value memory encoder
+    temperature: float = field(default=0.1, metadata={"min": 1e-4})  # reversal_jepa: logits = cos / temperature
+    negatives: str = field(default="batch", metadata=_choices("batch", "all"))  # reversal_jepa: in-batch or all entities
+    # evaluation
+    eval_max_queries: int = field(default=1000, metadata={"min": 1})  # per split, for the periodic eval
+
+
+register_config_section("reversal", ReversalConfig)
+
+
+def build_reversal_data(config: Config) -> ReversalData:
+    """The run's dataset: read from ``reversal.data_dir`` or generated from the ``reversal.*`` sizes."""
+    r = config.reversal
+    if r.data_dir is not None:
+        if not os.path.isdir(r.data_dir):
+            raise ConfigError(f"reversal.data_dir: {r.data_dir!r} is not a folder")
+        return read_reversal_data(r.data_dir)
+    spec = ReversalSpec(
+        num_entities_a=r.num_entities_a, num_entities_b=r.num_entities_b, num_relations=r.num_relations,
+        facts_per_entity=r.facts_per_entity, names=r.names, names_share=r.names_share,
+        seed=config.seed if r.data_seed is None else r.data_seed,
+    )
+    try:
+        return generate_reversal_data(spec)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _vocab_kwargs(data: ReversalData) -> dict:
+    return dict(vocab=list(data.vocab), entity_tokens=[list(e) for e in data.entity_tokens],
+                relation_names=list(data.relation_names), relation_tokens=list(data.relation_tokens))
+
+
+def evaluate_reversal(model, data: ReversalData, max_queries: Optional[int] = None, batch_size: int = 256) -> dict:
+    """Accuracy and MRR over all entities on ``seen``, ``forward`` and ``reverse``.
+
+    Returns:
+        ``{"seen": acc, "seen_mrr": mrr, "forward": ..., "forward_mrr": ..., "reverse": ..., "reverse_mrr": ...}``
+        (fractions; the first ``max_queries`` facts of each split when given).
+    """
+    out = {}
+    for split in EVAL_SPLITS:
+        f = data.facts_tensor(split)
+        if max_queries is not None:
+            f = f[:max_queries]
+        m = ranking_metrics(model.rank_entities(f[:, 0], f[:, 1], batch_size=batch_size), f[:, 2])
+        out[split], out[f"{split}_mrr"] = m["accuracy"], m["mrr"]
+    return out
+
+
+def load_reversal_model(path: Union[str, os.PathLike]):
+    """A saved :class:`ReversalGPT2` or :class:`JEPAConceptModel` (picked by ``config.json``'s ``model_type``)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{cfg}: not found (expected a model saved by a reversal recipe)")
+    kind = json.loads(cfg.read_text()).get("model_type")
+    classes = {ReversalGPT2Config.model_type: ReversalGPT2, JEPAConfig.model_type: JEPAConceptModel}
+    if kind not in classes:
+        raise ValueError(f"{cfg}: model_type {kind!r} is not a reversal model ({', '.join(classes)})")
+    return classes[kind].from_pretrained(str(path))
+
+
+class _ReversalRecipe(Recipe):
+    artifact_name = "model"
+
+    def build_dataset(self):
+        self.data = build_reversal_data(self.config)
+        return ReversalFactDataset(self.data, "train")
+
+    @staticmethod
+    def _unwrap(model):
+        return getattr(model, "module", model)
+
+    def evaluate(self, model, generator) -> dict:
+        return evaluate_reversal(self._unwrap(model), self.data, self.config.reversal.eval_max_queries)
+
+    def save_final(self, model, directory: str) -> None:
+        self._unwrap(model).save_pretrained(directory)
+        write_reversal_data(self.data, Path(directory) / "data")
+
+
+@register_recipe("reversal_ar")
+class ReversalARRecipe(_ReversalRecipe):
+    """GPT-2 baseline (``recipe: reversal_ar``): next-token loss on the tail's tokens."""
+
+    def build_model(self, dataset) -> ReversalGPT2:
+        r, data = self.config.reversal, dataset.data
+        if r.hidden_size % r.num_heads:
+            raise ConfigError(f"reversal.hidden_size: {r.hidden_size} must be divisible by reversal.num_heads ({r.num_heads})")
+        cfg = ReversalGPT2Config(
+            vocab_size=len(data.vocab), n_embd=r.hidden_size, n_layer=r.num_layers, n_head=r.num_heads,
+            n_inner=r.mlp_ratio * r.hidden_size, n_positions=2 * data.name_length + 2,
+            resid_pdrop=r.dropout, embd_pdrop=r.dropout, attn_pdrop=r.dropout,
+            bos_token_id=data.vocab.index("<bos>"), eos_token_id=None, pad_token_id=data.vocab.index("<pad>"),
+            position_embeddings=r.position_embeddings, loss_type="ForCausalLM", **_vocab_kwargs(data),
+        )
+        return ReversalGPT2(cfg)
+
+    def training_step(self, model, batch: dict, ctx: StepContext) -> StepOutput:
+        ids, labels = self._unwrap(model).fact_inputs(batch["head"], batch["relation"], batch["tail"])
+        loss = model(input_ids=ids, labels=labels).loss  # through the (DDP) wrapper
+        return StepOutput(loss=loss)
+
+
+def _gather(x: Tensor) -> Tensor:
+    """All processes' ``x`` concatenated in rank order (``x`` itself in a single process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+@register_recipe("reversal_jepa")
+class ReversalJEPARecipe(_ReversalRecipe):
+    """JEPA concept model (``recipe: reversal_jepa``; ``reversal.memory`` for the memory variant).
+
+    In-batch negatives are the *global* batch's entities and relations (ids gathered from every
+    process), so the loss does not depend on the number of processes.
+    """
+
+    def build_model(self, dataset) -> JEPAConceptModel:
+        r, data = self.config.reversal, dataset.data
+        if r.hidden_size % r.num_heads:
+            raise ConfigError(f"reversal.hidden_size: {r.hidden_size} must be divisible by reversal.num_heads ({r.num_heads})")
+        cfg = JEPAConfig(
+            vocab_size=len(data.vocab), hidden_size=r.hidden_size, num_heads=r.num_heads, encoder_layers=r.encoder_layers,
+            predictor_layers=r.predictor_layers, mlp_ratio=r.mlp_ratio, max_patch_len=max(3, data.name_length),
+            memory=r.memory, temperature=r.temperature, dropout=r.dropout, mask_token_id=data.vocab.index("<mask>"),
+            **_vocab_kwargs(data),
+        )
+        return JEPAConceptModel(cfg)
+
+    def training_step(self, model, batch: dict, ctx: StepContext) -> StepOutput:
+        h, r, t = batch["head"], batch["relation"], batch["tail"]
+        if self.config.reversal.negatives == "all":
+            neg = torch.arange(self._unwrap(model).num_entities, device=h.device)
+            neg_r = torch.arange(self._unwrap(model).relation_token_ids.numel(), device=h.device)
+        else:
+            neg, neg_r = _gather(torch.cat([h, t])), _gather(r)
+        out = model(h, r, t, negatives=neg, negative_relations=neg_r)
+        acc = (out.logits.argmax(-1) == torch.searchsorted(torch.unique(torch.cat([h, t, neg])), t.contiguous())).float().mean()
+        return StepOutput(loss=out.loss, logs={"train_accuracy": acc.detach()})
