@@ -378,7 +378,7 @@ def test_clip_score_and_pickscore_equal_hand_computation(tiny_clip):
     assert scale == pytest.approx(50.0)
     clip = build_reward({"name": "clip_score", "model": str(tiny_clip), "batch_size": 3}, key="nft.rewards[0]")
     torch.testing.assert_close(clip(images, prompts), (scale * cos / 100).float(), atol=1e-5, rtol=1e-5)
-    pick = build_reward({"name": "pickscore", "model": str(tiny_clip), "processor": str(tiny_clip)})
+    pick = build_reward({"name": "pickscore", "model": str(tiny_clip)})  # processor: the model's folder
     torch.testing.assert_close(pick(images, prompts), (scale * cos / 26).float(), atol=1e-5, rtol=1e-5)
     assert len(pick.tokenizer) == 520 and pick.max_text_length == 77
     with pytest.raises(ValueError, match="needs prompts"):

@@ -34,6 +34,8 @@ from flowlab.rewards.imaging import to_pil
 
 __all__ = ["CLIPScoreReward", "PickScoreReward", "AestheticReward", "AestheticMLP", "load_aesthetic_head"]
 
+PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -182,9 +184,9 @@ class PickScoreReward(_CLIPReward):
 
     Args:
         model: the PickScore ``CLIPModel`` (folder or Hub id).
-        processor: tokenizer + image processor source; the released PickScore uses the
-            processor of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` (the default). Set it to the
-            model's folder when that folder holds its own processor files.
+        processor: tokenizer + image processor source. Default: ``model`` itself, except for
+            the released ``yuvalkirstain/PickScore_v1``, which ships no processor and uses
+            that of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` (as the public code does).
         divisor: the scale divisor (26).
         device: where the model runs.
         dtype: ``float32``, ``float16`` or ``bfloat16``.
@@ -194,8 +196,8 @@ class PickScoreReward(_CLIPReward):
     def __init__(
         self,
         *,
-        model: str = "yuvalkirstain/PickScore_v1",
-        processor: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        model: str = PICKSCORE_MODEL,
+        processor: str | None = None,
         divisor: float = 26.0,
         device: str = "cpu",
         dtype: str = "float32",
@@ -205,6 +207,8 @@ class PickScoreReward(_CLIPReward):
         if not divisor > 0:
             raise OptionError("divisor", f"must be positive, got {divisor}")
         self.divisor = divisor
+        if processor is None and model == PICKSCORE_MODEL:
+            processor = PICKSCORE_PROCESSOR
         self._load(model, processor, device, dtype, batch_size)
 
     def score(self, images: Tensor, prompts: list[str] | None, metadata) -> Tensor:

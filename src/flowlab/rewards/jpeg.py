@@ -36,12 +36,15 @@ def jpeg_size_kb(images: Tensor, quality: int = 95) -> Tensor:
 
 
 class _JpegReward(RewardFunction):
+    """``sign`` × JPEG size in kB.
+
+    Args:
+        quality: PIL JPEG quality, 1..95 (DDPO uses 95).
+    """
+
     sign = 1.0
 
     def __init__(self, *, quality: int = 95):
-        """Args:
-            quality: PIL JPEG quality, 1..95 (DDPO uses 95).
-        """
         super().__init__()
         if not 1 <= quality <= 95:
             raise OptionError("quality", f"must be in 1..95 (PIL's useful range), got {quality}")
@@ -53,14 +56,22 @@ class _JpegReward(RewardFunction):
 
 @register_reward("jpeg_incompressibility")
 class JpegIncompressibility(_JpegReward):
-    """JPEG size in kB at quality 95 (larger = more detail). Scale: ~0.6 kB for a flat
-    64×64 image up to tens of kB for noise at 256×256."""
+    """JPEG size in kB at quality 95 (larger = more detail). Scale: ~0.7 kB for a flat
+    64×64 RGB image, ~5 kB for 64×64 uniform noise, ~300 kB for 512×512 noise.
+
+    Args:
+        quality: PIL JPEG quality, 1..95.
+    """
 
     sign = 1.0
 
 
 @register_reward("jpeg_compressibility")
 class JpegCompressibility(_JpegReward):
-    """Negative JPEG size in kB at quality 95 (closer to 0 = more compressible)."""
+    """Negative JPEG size in kB at quality 95 (closer to 0 = more compressible).
+
+    Args:
+        quality: PIL JPEG quality, 1..95.
+    """
 
     sign = -1.0
