@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -23,6 +24,7 @@ from flowlab.rewards import RewardError, build_reward
 from flowlab.rewards.server import serve_in_thread
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an http_proxy
 
 
 class ScriptedServer:
@@ -183,7 +185,7 @@ def test_reference_server_round_trip():
     local = build_reward({"name": "jpeg_compressibility"})
     server, url = serve_in_thread(local)
     try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
+        with _DIRECT.open(url, timeout=5) as resp:
             assert json.loads(resp.read()) == {"status": "ok", "reward": "jpeg_compressibility"}
         remote = _client(url)
         x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
@@ -195,7 +197,7 @@ def test_reference_server_round_trip():
         # a request the server rejects is a 400: not retried, reported
         req = urllib.request.Request(url, data=b'{"images": ["not base64!"]}', method="POST", headers={"Content-Type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as e:
-            urllib.request.urlopen(req, timeout=5)
+            _DIRECT.open(req, timeout=5)
         assert e.value.code == 400 and "not a base64-encoded image" in e.value.read().decode()
     finally:
         server.shutdown()
@@ -207,7 +209,7 @@ def test_reference_server_reports_nan_as_null():
     server, url = serve_in_thread(local)
     try:
         body = json.dumps({"images": [], "prompts": [], "metadata": []}).encode()
-        with urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST"), timeout=5) as resp:
+        with _DIRECT.open(urllib.request.Request(url, data=body, method="POST"), timeout=5) as resp:
             assert json.loads(resp.read())["scores"] == []
     finally:
         server.shutdown()

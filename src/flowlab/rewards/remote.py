@@ -20,7 +20,9 @@ number of scores) are retried ``retries`` times with exponential backoff
 ``min(backoff · 2^k, backoff_max)``; HTTP 4xx answers other than 408/425/429 mean the
 request itself is wrong and are not retried. When the attempts are spent, a
 :class:`~flowlab.rewards.base.RewardError` names the URL, the attempts and the last cause.
-``flowlab.rewards.server`` is a reference server for this protocol.
+``flowlab.rewards.server`` is a reference server for this protocol. Proxies come from the
+environment (``http_proxy``/``https_proxy``/``no_proxy``) except for loopback URLs
+(``localhost``, ``127.*``, ``::1``), which are always reached directly.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import math
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -111,6 +114,10 @@ class HTTPReward(RewardFunction):
         self.backoff_max = backoff_max
         self.headers = dict(headers or {})
         self.batch_size = batch_size
+        host = (urllib.parse.urlsplit(url).hostname or "").lower()
+        # a proxy from the environment (http_proxy) cannot reach this machine's loopback
+        loopback = host in ("localhost", "::1") or host.startswith("127.")
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if loopback else urllib.request.build_opener()
 
     def delay(self, retry: int) -> float:
         """Seconds to wait before retry number ``retry`` (0-based): ``min(backoff·2^retry, backoff_max)``."""
@@ -164,7 +171,7 @@ class HTTPReward(RewardFunction):
             self.url, data=body, method="POST", headers={"Content-Type": "application/json", "Accept": "application/json", **self.headers}
         )
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with self._opener.open(req, timeout=self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
             detail = ""
