@@ -450,7 +450,7 @@ def test_train_with_hub_push_uploads_exactly_the_run(trained):
     final_loss = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()][-1]["loss"]
     assert f"| `loss` | {final_loss:.4g} | 6 |" in card
     assert "![samples from the final model](samples/grid.png)" in card
-    assert 'FlowPipeline.from_pretrained("alice/flowlab-digits")' in card
+    assert 'FlowPipeline.from_pretrained(snapshot_download("alice/flowlab-digits"))' in card
     assert "```yaml\nrecipe: flow_matching" in card
     # the token is nowhere: files, logs, output
     for data in files.values():
@@ -487,18 +487,24 @@ def _same_samples(remote, local):
     assert torch.equal(a, b)
 
 
-def test_pushed_repo_downloads_and_samples_identically(serve_pushed, tmp_path):
-    """What arrived, downloaded back with the real client (snapshot_download over the resolve routes), loads
-    as a FlowPipeline that gives bit-identical samples to the local run's."""
-    from huggingface_hub import snapshot_download
+def test_pushed_repo_downloads_and_samples_identically(serve_pushed, tmp_path, monkeypatch):
+    """The card's usage snippet, run as is against the fake Hub's download routes (snapshot_download ->
+    resolve), loads a FlowPipeline that gives bit-identical samples to the local run's."""
+    from huggingface_hub import constants
 
     from flowlab.pipelines import FlowPipeline
 
     out, hub = serve_pushed
-    folder = snapshot_download("alice/flowlab-digits", cache_dir=str(tmp_path / "cache"), endpoint=hub.url)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    card = hub.files("alice/flowlab-digits")["README.md"].decode()
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert snippet.count("\n") == 4  # three lines to load, one to sample
+    namespace: dict = {}
+    exec(snippet, namespace)
     assert not hub.unhandled, hub.unhandled
     assert any("/resolve/" in p and p.endswith("diffusion_pytorch_model.safetensors") for _, p in hub.requests)
-    _same_samples(FlowPipeline.from_pretrained(folder), FlowPipeline.from_pretrained(os.path.join(out, "pipeline")))
+    assert isinstance(namespace["pipe"], FlowPipeline) and len(namespace["images"]) == 10
+    _same_samples(namespace["pipe"], FlowPipeline.from_pretrained(os.path.join(out, "pipeline")))
 
 
 @pytest.mark.xfail(
