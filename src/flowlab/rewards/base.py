@@ -167,7 +167,8 @@ class RewardFunction(abc.ABC):
 
     Subclasses implement :meth:`score`. :meth:`__call__` validates the inputs, clamps the
     images to ``[0, 1]``, scores images with non-finite pixels as NaN without showing them to
-    :meth:`score` (they are replaced by mid-grey), coerces the output to a float32 CPU tensor
+    :meth:`score` (they are replaced by mid-grey), runs :meth:`score` under
+    ``torch.no_grad()``, coerces the output to a float32 CPU tensor
     ``(N,)`` with non-finite values as NaN, and records :attr:`info`.
 
     Attributes:
@@ -209,7 +210,8 @@ class RewardFunction(abc.ABC):
         if bool(bad.any()):
             images = torch.where(torch.isfinite(images), images, torch.full_like(images, 0.5))
         images = images.clamp(0.0, 1.0)
-        out = self.score(images, prompts, metadata)
+        with torch.no_grad():  # scores are data, never differentiated through
+            out = self.score(images, prompts, metadata)
         extra: dict[str, Any] = {}
         if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
             out, extra = out
