@@ -32,7 +32,7 @@ class _OneLineErrorParser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineErrorParser(
         prog="train.py",
         description="Train with flowlab. Any config key can be overridden as dotted key=value, e.g. train.max_steps=200.",
     )
@@ -46,7 +46,10 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = _parser()
     if prog is not None:
         parser.prog = prog
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a one-line usage error (2)
+        return int(e.code or 0)
     from .data import DataError
     from .train import ConfigError, Trainer, TrainingError, load_config
     from .train.checkpoint import CheckpointError
@@ -60,6 +63,9 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         trainer.train()
     except (ConfigError, DataError, CheckpointError, TrainingError) as e:
         print(f"flowlab: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system said no (permissions, a full disk, a path that is a file)
+        print(f"flowlab: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("flowlab: interrupted; resume with train.resume=latest", file=sys.stderr)

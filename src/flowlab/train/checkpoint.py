@@ -9,6 +9,7 @@ one is reported by name and skipped.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -27,6 +28,8 @@ __all__ = [
     "prune_checkpoints",
     "write_json_atomic",
     "replace_dir_atomic",
+    "check_weights_only",
+    "write_error_message",
 ]
 
 logger = logging.getLogger(__name__)
@@ -34,6 +37,8 @@ CHECKPOINT_PREFIX = "checkpoint-"
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 _PATTERN = re.compile(r"^checkpoint-(\d+)$")
+_STALE = re.compile(r"^\.(tmp|old)-checkpoint-\d+$")
+PICKLE_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
 
 
 class CheckpointError(RuntimeError):
@@ -84,6 +89,21 @@ def replace_dir_atomic(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+def write_error_message(error: OSError, target: str | os.PathLike) -> str:
+    """One paragraph for an ``OSError`` (a full disk, a lost permission) while saving ``target``.
+
+    Saves go to a temporary folder that is renamed only when complete, so the message can
+    promise that nothing older was replaced.
+    """
+    reason = error.strerror or str(error) or type(error).__name__
+    where = f" (writing {error.filename})" if error.filename else ""
+    hint = " Free some disk space or choose another output_dir." if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return (
+        f"cannot save {target}: {reason}{where}.{hint} The save was abandoned; earlier checkpoints and the "
+        "previously saved artefact are intact, and train.resume=latest continues from the newest checkpoint."
+    )
+
+
 def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
     """Completed checkpoints under ``root`` as ``(step, path)``, oldest first."""
     root = Path(root)
@@ -112,11 +132,39 @@ def finalize_checkpoint(tmp_dir: Path, final_dir: Path, state: dict) -> None:
     replace_dir_atomic(tmp_dir, final_dir)
 
 
+def check_weights_only(file: str | os.PathLike, name: str | None = None) -> None:
+    """Refuse a torch pickle file that holds anything but tensors, numbers, strings and containers.
+
+    ``accelerator.load_state`` unpickles the custom states (``custom_checkpoint_*.pkl``: the
+    LR scheduler, the EMA) with ``weights_only=False``, which would run any code a crafted
+    file carries. Every pickle of a checkpoint is therefore first loaded here with
+    ``torch.load(..., weights_only=True)`` (accelerate's allow-list for RNG states; ``mmap``
+    so tensor data is not read), and a file that needs anything else is rejected unread.
+
+    Raises:
+        CheckpointError: naming ``name`` (default: the file).
+    """
+    from accelerate.utils.other import load
+
+    name = name or str(file)
+    try:
+        load(str(file), map_location="cpu", mmap=True)
+    except Exception as e:  # noqa: BLE001 - any failure to load safely is a refusal
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{name} cannot be loaded with torch.load(weights_only=True), so it is not unpickled: {first}"
+        ) from None
+
+
 def verify_checkpoint(path: str | os.PathLike) -> dict:
     """Check every file of a checkpoint against its manifest; return its trainer state.
 
+    Every pickled file (``.bin``, ``.pkl``, ``.pt``) must also load with ``weights_only=True``
+    (:func:`check_weights_only`).
+
     Raises:
-        CheckpointError: naming the checkpoint and the file that is missing, truncated or altered.
+        CheckpointError: naming the checkpoint and the file that is missing, truncated, altered
+            or unsafe to unpickle.
     """
     path = Path(path)
     manifest_path = path / MANIFEST
@@ -126,7 +174,14 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} is corrupted ({e})") from None
-    for rel, meta in manifest.get("files", {}).items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(m, dict) and {"size", "sha256"} <= m.keys() for m in files.values()):
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is corrupted (no valid 'files' table)")
+    on_disk = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != MANIFEST}
+    unlisted = sorted(on_disk - files.keys())
+    if unlisted:
+        raise CheckpointError(f"checkpoint {path}: {unlisted[0]} is not in its {MANIFEST} (added or renamed after the save)")
+    for rel, meta in files.items():
         f = path / rel
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} is missing {rel}")
@@ -134,6 +189,9 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
             raise CheckpointError(f"checkpoint {path}: {rel} is truncated ({f.stat().st_size} of {meta['size']} bytes)")
         if _sha256(f) != meta["sha256"]:
             raise CheckpointError(f"checkpoint {path}: {rel} is corrupted (checksum mismatch)")
+    for f in sorted(path.rglob("*")):  # every pickle, listed in the manifest or not
+        if f.is_file() and f.name.endswith(PICKLE_SUFFIXES):
+            check_weights_only(f, f"checkpoint {path}: {f.relative_to(path)}")
     try:
         return json.loads((path / STATE).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -161,4 +219,9 @@ def prune_checkpoints(root: str | os.PathLike, total_limit: int) -> list[Path]:
     for _, p in ckpts[: max(0, len(ckpts) - total_limit)]:
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
+    if root.is_dir():  # half-written folders left by a kill during an earlier save
+        for p in root.iterdir():
+            if _STALE.match(p.name) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
     return removed

@@ -311,6 +311,8 @@ def config_from_dict(data: dict) -> Config:
 
 def _cross_checks(cfg: Config) -> None:
     t = cfg.train
+    if os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
+        raise ConfigError(f"output_dir: {cfg.output_dir!r} is a file, not a folder")
     if t.resume is not None and t.resume != "latest" and not os.path.isdir(t.resume):
         raise ConfigError(f"train.resume: {t.resume!r} is neither 'latest' nor an existing checkpoint folder")
     if cfg.data.name in ("imagefolder", "hf") and not cfg.data.path:
@@ -370,6 +372,8 @@ def parse_overrides(overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
             raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"{key}: cannot parse value (nested too deeply)") from None
         node = out
         parts = key.split(".")
         for p in parts[:-1]:
@@ -391,13 +395,19 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     """Read a YAML config, apply ``key=value`` overrides and validate."""
     data: dict = {}
     if path is not None:
+        if os.path.isdir(path):
+            raise ConfigError(f"config file {str(path)!r} is a directory, not a YAML file")
         if not os.path.isfile(path):
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        with open(path) as f:
-            try:
+        try:
+            with open(path, "rb") as f:  # bytes: PyYAML reports bad encodings as a YAMLError with the position
                 data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: nested too deeply") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
     data = _merge(data, parse_overrides(overrides or []))

@@ -40,6 +40,7 @@ from .checkpoint import (
     prune_checkpoints,
     replace_dir_atomic,
     verify_checkpoint,
+    write_error_message,
 )
 from .config import Config, ConfigError, config_to_dict
 from .images import save_sample_grid
@@ -320,11 +321,15 @@ class Trainer:
         if acc.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            finalize_checkpoint(tmp, final, {"step": step, "recipe": self.config.recipe, "seed": self.config.seed})
-            prune_checkpoints(self.ckpt_dir, self.config.train.checkpoints_total_limit)
+        try:
+            acc.save_state(str(tmp))
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                finalize_checkpoint(tmp, final, {"step": step, "recipe": self.config.recipe, "seed": self.config.seed})
+                prune_checkpoints(self.ckpt_dir, self.config.train.checkpoints_total_limit)
+        except OSError as e:  # e.g. a full disk: drop the partial folder, keep the older checkpoints
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(write_error_message(e, final)) from None
         acc.wait_for_everyone()
         return final
 
@@ -530,9 +535,15 @@ class Trainer:
             tmp = self.output_dir / f".tmp-{self.recipe.artifact_name}"
             if tmp.exists():
                 shutil.rmtree(tmp)
-            self.recipe.save_final(self.ema_model(), str(tmp))
-            if tmp.exists():
-                replace_dir_atomic(tmp, final_dir)
+            try:
+                self.recipe.save_final(self.ema_model(), str(tmp))
+                saved = tmp.exists()
+                if saved:
+                    replace_dir_atomic(tmp, final_dir)
+            except OSError as e:  # e.g. a full disk: the previous final_dir (if any) was not touched
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise CheckpointError(write_error_message(e, final_dir)) from None
+            if saved:
                 acc.print(f"flowlab: saved {final_dir}")
         acc.wait_for_everyone()
         return self._last_eval()
