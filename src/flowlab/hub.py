@@ -94,7 +94,11 @@ _SECRET_VALUE = re.compile(
     r"|eyJ[A-Za-z0-9_\-]{10,}\.[A-Za-z0-9_\-]{10,}\.[A-Za-z0-9_\-]{10,})"  # JWTs
 )
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.\-]*://)(?P<user>[^/\s:@]+):(?P<pw>[^/\s@]+)@", re.I)
-_AUTH_HEADER = re.compile(r"((?:authorization|bearer|x-api-key)[\"']?\s*[:=]?\s*[\"']?(?:bearer\s+)?)([^\s,'\"}]+)", re.I)
+# "Authorization: Bearer x", "'authorization': 'Basic x'", "bearer x", "x-api-key=x" (not "Authorization header")
+_AUTH_HEADER = re.compile(
+    r"((?:authorization|x-api-key)[\"']?\s*[:=]\s*[\"']?(?:(?:bearer|basic|token)\s+)?)((?!(?:bearer|basic|token)\s)[A-Za-z0-9_\-.~+/=:]+)", re.I
+)
+_BEARER = re.compile(r"(bearer\s+)([A-Za-z0-9_\-.~+/=:]{6,})", re.I)
 REDACTED = "<redacted>"
 
 
@@ -163,7 +167,8 @@ def scrub_token(text: str, token: Optional[str] = None) -> str:
         text = text.replace(token, REDACTED)
     text = _SECRET_VALUE.sub(REDACTED, text)
     text = _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
-    text = _AUTH_HEADER.sub(lambda m: m.group(1) + REDACTED if m.group(2) != REDACTED else m.group(0), text)
+    for pattern in (_AUTH_HEADER, _BEARER):
+        text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
     return text
 
 
@@ -612,7 +617,7 @@ def _describe(err: BaseException, token: Optional[str]) -> str:
     else:
         what = f"{type(err).__name__}: {err}"
     what = " ".join(scrub_token(what, token).split())  # one line, token-free
-    return what if len(what) <= 400 else what[:397] + "..."
+    return what if len(what) <= 400 else what[:400].rstrip(" .") + " [...]"
 
 
 def push_to_hub(
