@@ -62,17 +62,31 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         trainer = Trainer(config)
         trainer.train()
     except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+        _close_progress_bars()
         print(f"flowlab: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the file system said no (permissions, a full disk, a path that is a file)
+        _close_progress_bars()
         print(f"flowlab: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("flowlab: interrupted; resume with train.resume=latest", file=sys.stderr)
         return 130
     if config.hub.push:
         return _push_after_training(config)
     return 0
+
+
+def _close_progress_bars() -> None:
+    """End a progress bar left open by an exception, so the error starts on a line of its own."""
+    try:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
 
 
 def _retry_command(output_dir: str, repo_id: str, private: bool, revision: str | None) -> str:

@@ -1,0 +1,349 @@
+"""Faults: a training process SIGKILLed mid-run and mid-checkpoint-write, checkpoints damaged on
+disk, and a full disk while saving. Every case ends either in an exact resume (the same final
+weights and metrics as an uninterrupted run) or in a one-paragraph ``flowlab: error:`` with
+exit code 2 and the previous checkpoint and artefact intact.
+
+The kills are deterministic: a small driver (written by the test) runs ``flowlab.cli.train_main``
+with one function patched to write a marker file and block at a chosen point; the test waits for
+the marker and sends SIGKILL. Nothing here measures time.
+"""
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, tiny_overrides
+from flowlab.cli import train_main
+from flowlab.train.checkpoint import find_resume_checkpoint, list_checkpoints, verify_checkpoint
+
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+
+# checkpoints every 10 of 40 steps, the newest three kept
+EXTRA = ("train.checkpoint_every=10", "train.checkpoints_total_limit=3")
+THROUGHPUT = {"samples_per_sec", "steps_per_sec"}  # wall-clock numbers: the only fields allowed to differ
+
+
+def _args(out, *extra):
+    return tiny_overrides(str(out), *EXTRA, *extra)
+
+
+def _weights(out):
+    return load_file(os.path.join(out, "pipeline", "velocity_model", "diffusion_pytorch_model.safetensors"))
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in THROUGHPUT} for line in f]
+
+
+def _steps(out):
+    return [s for s, _ in list_checkpoints(os.path.join(out, "checkpoints"))]
+
+
+def _leftovers(out):
+    return sorted(n for n in os.listdir(os.path.join(out, "checkpoints")) if n.startswith("."))
+
+
+def _assert_same_as_reference(out, ref):
+    a, b = _weights(ref), _weights(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"final weights differ from the uninterrupted run: {k}"
+    assert _metrics(out) == _metrics(ref)  # same steps, same losses, lr and grad norms, bit for bit
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 40-step run (checkpoints 20, 30, 40 kept)."""
+    out = tmp_path_factory.mktemp("faults") / "reference"
+    assert train_main(_args(out)) == 0
+    assert _steps(out) == [20, 30, 40]
+    return out
+
+
+# --------------------------------------------------------------------------- SIGKILL
+
+DRIVER = r'''
+import io, os, sys, time
+sys.path.insert(0, os.path.join(sys.argv[1], "src"))
+mode, marker, stop, args = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:]
+
+
+def block_here():
+    """Tell the test where we are, then wait for SIGKILL."""
+    with open(marker + ".part", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(marker + ".part", marker)
+    while True:
+        time.sleep(3600)
+
+
+if mode == "training_step":  # in the middle of training, checkpoints behind us
+    from flowlab.train.flow_matching import FlowMatchingRecipe
+
+    real_step = FlowMatchingRecipe.training_step
+
+    def training_step(self, model, batch, ctx):
+        if ctx.step == stop:
+            block_here()
+        return real_step(self, model, batch, ctx)
+
+    FlowMatchingRecipe.training_step = training_step
+elif mode == "save_state":  # inside accelerator.save_state: optimizer.bin half written, no manifest yet
+    import torch
+
+    real_save = torch.save
+
+    def save(obj, f, *a, **k):
+        name = str(f) if isinstance(f, (str, os.PathLike)) else ""
+        if f".tmp-checkpoint-{stop}" in name and name.endswith("optimizer.bin"):
+            buf = io.BytesIO()
+            real_save(obj, buf, *a, **k)
+            with open(f, "wb") as fh:
+                fh.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+                fh.flush()
+                os.fsync(fh.fileno())
+            block_here()
+        return real_save(obj, f, *a, **k)
+
+    torch.save = save
+elif mode == "finalize":  # manifest written and synced, the folder not yet renamed
+    import flowlab.train.checkpoint as ckpt
+
+    real_replace = ckpt.replace_dir_atomic
+
+    def replace_dir_atomic(tmp, final):
+        if os.path.basename(str(final)) == f"checkpoint-{stop}":
+            block_here()
+        return real_replace(tmp, final)
+
+    ckpt.replace_dir_atomic = replace_dir_atomic
+else:
+    raise SystemExit(f"unknown mode {mode}")
+
+from flowlab.cli import train_main
+
+sys.exit(train_main(args))
+'''
+
+
+def _run_and_kill(tmp_path, mode, stop, args):
+    """Start the driver, wait until it blocks at ``mode``/``stop``, SIGKILL it. Returns its log."""
+    driver, marker, log_path = tmp_path / "driver.py", tmp_path / f"at-{mode}", tmp_path / f"{mode}.log"
+    driver.write_text(DRIVER)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(driver), ROOT, mode, str(marker), str(stop), *args],
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 600  # a safety net for a hung test, not a measurement
+            while not marker.exists():
+                if proc.poll() is not None:
+                    pytest.fail(f"the run ended (rc {proc.returncode}) before reaching {mode} at step {stop}:\n"
+                                + log_path.read_text()[-3000:])
+                assert time.monotonic() < deadline, "driver never reached the kill point"
+                time.sleep(0.05)
+            assert int(marker.read_text()) == proc.pid
+            os.kill(proc.pid, signal.SIGKILL)
+            assert proc.wait() == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return log_path.read_text()
+
+
+@pytest.mark.parametrize(
+    "mode,stop,resumed_at,tmp_left",
+    [
+        # mid-run, while accelerate writes checkpoint-30's files (checkpoints 10 and 20 exist)
+        ("save_state", 30, 20, "optimizer.bin"),
+        # mid-run, inside a training step (each subprocess costs ~8 s of imports: the two
+        # variants below run with `pytest -m slow`)
+        pytest.param("training_step", 25, 20, None, marks=pytest.mark.slow),
+        # checkpoint-30 complete in .tmp (manifest synced), killed before the rename
+        pytest.param("finalize", 30, 20, "manifest.json", marks=pytest.mark.slow),
+    ],
+)
+def test_sigkill_then_resume_is_exact(tmp_path, reference, capsys, mode, stop, resumed_at, tmp_left):
+    out = tmp_path / "run"
+    args = _args(out)
+    _run_and_kill(tmp_path, mode, stop, args)
+
+    # what the kill left: only completed checkpoints count; a half-written one stays a .tmp folder
+    assert _steps(out) == [10, 20]
+    if tmp_left:
+        tmp = out / "checkpoints" / f".tmp-checkpoint-{stop}"
+        assert (tmp / tmp_left).is_file()
+        if mode == "save_state":
+            assert not (tmp / "manifest.json").exists()
+    else:
+        assert _leftovers(out) == []
+    assert not (out / "pipeline").exists()
+    path, state = find_resume_checkpoint(out / "checkpoints")
+    assert path.name == f"checkpoint-{resumed_at}" and state["step"] == resumed_at
+
+    # resume: no step lost beyond the last checkpoint, and the result is the uninterrupted run's
+    capsys.readouterr()
+    assert train_main([*args, "train.resume=latest"]) == 0
+    log = capsys.readouterr()
+    assert f"checkpoint-{resumed_at} at step {resumed_at}" in log.out + log.err
+    _assert_same_as_reference(out, reference)
+    assert _steps(out) == [20, 30, 40]
+    assert _leftovers(out) == []  # the half-written folder was replaced or pruned
+    for _, p in list_checkpoints(out / "checkpoints"):
+        verify_checkpoint(p)
+
+
+# --------------------------------------------------------------------------- damaged checkpoints
+
+
+def _truncate(p):
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+
+
+def _flip_last_byte(p):
+    raw = bytearray(p.read_bytes())
+    raw[-1] ^= 0xFF
+    p.write_bytes(bytes(raw))
+
+
+DAMAGE = {
+    "optimizer_truncated": ("optimizer.bin", _truncate, "optimizer.bin is truncated"),
+    "ema_state_flipped": ("custom_checkpoint_1.pkl", _flip_last_byte, "custom_checkpoint_1.pkl is corrupted (checksum mismatch)"),
+    "rng_state_deleted": ("random_states_0.pkl", os.remove, "is missing random_states_0.pkl"),
+    "manifest_deleted": ("manifest.json", os.remove, "has no manifest.json"),
+    "manifest_garbage": ("manifest.json", lambda p: p.write_bytes(b"\x00\xff{not json"), "manifest.json is corrupted"),
+    "manifest_emptied": ("manifest.json", lambda p: p.write_text('{"step": 40, "files": {}}'), "is not in its manifest.json"),
+    "manifest_wrong_shape": ("manifest.json", lambda p: p.write_text("[1, 2, 3]"), "manifest.json is corrupted"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_damaged_newest_checkpoint_is_named_and_skipped(tmp_path, reference, caplog, capsys, case):
+    """(Truncation and a flipped byte of model.safetensors: tests/test_trainer.py.)"""
+    name, damage, words = DAMAGE[case]
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    damage(out / "checkpoints" / "checkpoint-40" / name)
+    assert train_main(_args(out, "train.resume=latest")) == 0
+    warning = [r.getMessage() for r in caplog.records if "checkpoint-40" in r.getMessage()]
+    assert warning and words in warning[0], caplog.text
+    assert "checkpoint-30 at step 30" in capsys.readouterr().out
+    _assert_same_as_reference(out, reference)  # steps 31..40 re-done exactly
+
+
+def test_damaged_checkpoint_named_explicitly_is_refused(tmp_path, reference, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    bad = out / "checkpoints" / "checkpoint-40"
+    _truncate(bad / "model.safetensors")
+    assert train_main(_args(out, f"train.resume={bad}")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flowlab: error: train.resume: checkpoint ") and err.count("\n") == 1
+    assert str(bad) in err and "model.safetensors is truncated" in err
+
+
+def test_stale_temporaries_are_pruned(tmp_path, reference):
+    """A .tmp- folder from a step that is never saved again (e.g. the run was resumed with other
+    settings) does not stay forever."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    (out / "checkpoints" / ".tmp-checkpoint-35").mkdir()
+    (out / "checkpoints" / ".tmp-checkpoint-35" / "optimizer.bin").write_bytes(b"half")
+    assert train_main(_args(out, "train.resume=latest", "train.max_steps=50")) == 0
+    assert _leftovers(out) == [] and _steps(out) == [30, 40, 50]
+
+
+# --------------------------------------------------------------------------- full disk
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """``full_disk(fragment)``: every torch / safetensors file written to a path containing
+    ``fragment`` gets a few bytes on disk, then ``OSError(ENOSPC)`` (the shape of a disk that
+    fills up mid-file). Covers accelerate's ``save_state`` and diffusers' ``save_pretrained``."""
+    import accelerate.utils.other
+    import safetensors.torch
+
+    def install(fragment):
+        def failing(real):
+            def save(obj, f, *a, **k):
+                name = str(f) if isinstance(f, (str, os.PathLike)) else ""
+                if fragment in name:
+                    with open(name, "wb") as fh:
+                        fh.write(b"\0" * 64)
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
+                return real(obj, f, *a, **k)
+
+            return save
+
+        monkeypatch.setattr(torch, "save", failing(torch.save))
+        monkeypatch.setattr(safetensors.torch, "save_file", failing(safetensors.torch.save_file))
+        monkeypatch.setattr(accelerate.utils.other, "safe_save_file", failing(accelerate.utils.other.safe_save_file))
+
+    return install
+
+
+def _one_paragraph_error(err):
+    assert "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("flowlab: error:")]
+    assert len(lines) == 1 and "\n\n" not in err.strip(), err
+    return lines[0]
+
+
+def test_full_disk_during_checkpoint(tmp_path, reference, full_disk, monkeypatch, capsys):
+    out = tmp_path / "run"
+    full_disk(".tmp-checkpoint-30")
+    assert train_main(_args(out)) == 2
+    msg = _one_paragraph_error(capsys.readouterr().err)
+    assert str(out / "checkpoints" / "checkpoint-30") in msg and "No space left on device" in msg
+    assert ".tmp-checkpoint-30" in msg  # the file being written is named too
+    assert _steps(out) == [10, 20] and _leftovers(out) == []  # partial folder removed, older kept
+    assert verify_checkpoint(out / "checkpoints" / "checkpoint-20")["step"] == 20
+    monkeypatch.undo()  # space freed
+    assert train_main(_args(out, "train.resume=latest")) == 0
+    _assert_same_as_reference(out, reference)
+
+
+def test_full_disk_during_final_save(tmp_path, reference, full_disk, monkeypatch, capsys):
+    """The run continues to 50 steps; saving the new pipeline fails: the old pipeline and every
+    checkpoint stay intact and loadable, and a later resume saves the pipeline."""
+    from flowlab.pipelines import FlowPipeline
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    full_disk(".tmp-pipeline")
+    assert train_main(_args(out, "train.resume=latest", "train.max_steps=50")) == 2
+    msg = _one_paragraph_error(capsys.readouterr().err)
+    assert str(out / "pipeline") in msg and "No space left on device" in msg
+    assert not (out / ".tmp-pipeline").exists()
+    monkeypatch.undo()
+    old = _weights(out)
+    assert all(torch.equal(old[k], v) for k, v in _weights(reference).items())  # untouched
+    FlowPipeline.from_pretrained(str(out / "pipeline"))  # and loadable
+    assert _steps(out) == [30, 40, 50]  # the step-50 checkpoint was written before the final save
+    for _, p in list_checkpoints(out / "checkpoints"):
+        verify_checkpoint(p)
+    assert train_main(_args(out, "train.resume=latest", "train.max_steps=50")) == 0
+    new = _weights(out)
+    assert any(not torch.equal(new[k], old[k]) for k in new)  # now the 50-step weights
+
+
+def test_unwritable_output_dir_is_a_clean_error(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert train_main(_args(blocker / "run")) == 2  # a parent of output_dir is a file
+    msg = _one_paragraph_error(capsys.readouterr().err)
+    assert str(blocker) in msg
+    assert train_main(_args(blocker)) == 2  # output_dir itself is a file
+    msg = _one_paragraph_error(capsys.readouterr().err)
+    assert msg.startswith("flowlab: error: output_dir:") and str(blocker) in msg
