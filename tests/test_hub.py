@@ -543,6 +543,21 @@ def test_push_api_private_branch_and_untouched_run(trained, hub_client):
     assert _tree_digest(out) == before
 
 
+def test_token_from_the_cached_login(trained, hub_client, monkeypatch, tmp_path):
+    """No token argument, no HF_TOKEN: the token `hf auth login` cached is used."""
+    from huggingface_hub import constants
+
+    out, _, _ = trained
+    (tmp_path / "token").write_text(TOKEN)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "token"))
+    with FakeHub() as hub:
+        res = push_to_hub(out, "gus/digits", endpoint=hub.url)
+        assert set(hub.files("gus/digits")) == EXPECTED_FILES and res.attempts == 1
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(HubError, match="no Hugging Face token found.*HF_TOKEN.*hf auth login"):
+        push_to_hub(out, "gus/digits", endpoint="http://127.0.0.1:9")
+
+
 def test_dry_run_sends_nothing_and_previews_the_card(trained, hub_client, tmp_path, capsys):
     out, _, _ = trained
     before = _tree_digest(out)
@@ -581,20 +596,13 @@ def test_errors_never_contain_the_token(trained, hub_client, status, caplog, cap
     captured = capsys.readouterr()
     _assert_no_token(msg, repr(e.value), tb, caplog.text, captured.out, captured.err)
     assert _tree_digest(out) == before
-    # through the CLI: one line, exit 2
-    os.environ["HF_TOKEN"] = TOKEN
-    try:
-        with hub.__class__(token=WRONG_TOKEN) as hub2:
-            from huggingface_hub import constants
+    # through the CLI (token from HF_TOKEN, endpoint from HF_ENDPOINT's constant): one line, exit 2
+    from huggingface_hub import constants
 
-            old = constants.ENDPOINT
-            constants.ENDPOINT = hub2.url
-            try:
-                rc = flowlab_main(["push", out, "--repo-id", "dave/digits", "--max-retries", "0"])
-            finally:
-                constants.ENDPOINT = old
-    finally:
-        del os.environ["HF_TOKEN"]
+    with FakeHub(token=WRONG_TOKEN) as hub2, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_TOKEN", TOKEN)
+        mp.setattr(constants, "ENDPOINT", hub2.url)
+        rc = flowlab_main(["push", out, "--repo-id", "dave/digits", "--max-retries", "0"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("flowlab: error: ") and err.count("\n") == 1, err
     _assert_no_token(err)
