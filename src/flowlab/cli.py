@@ -124,8 +124,8 @@ def _push_parser(prog: str = "flowlab push") -> argparse.ArgumentParser:
     p = _OneLineErrorParser(
         prog=prog,
         description=(
-            "Publish a finished training run to the Hugging Face Hub: the trained artefact (at the repo root, "
-            "loadable with from_pretrained(repo_id)), a model card, the last sample grid, config.yaml and "
+            "Publish a finished training run to the Hugging Face Hub: the trained artefact (its save_pretrained "
+            "layout, at the repo root), a model card, the last sample grid, config.yaml and "
             "metrics.jsonl. Checkpoints and logs are never uploaded. The token comes from HF_TOKEN or "
             "`hf auth login`."
         ),

@@ -701,7 +701,8 @@ def _push(files, output_dir, repo_id, private, revision, token, commit_message, 
     target = f"{repo_id}" + (f" (branch {branch})" if branch else "")
     for attempt in range(1, max_retries + 2):
         try:
-            repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            # private=None (not False) when not asked: a new repo then follows the namespace's default visibility
+            repo_url = api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")
             if branch:
                 api.create_branch(repo_id, branch=branch, exist_ok=True, repo_type="model")
             ops = [
