@@ -626,6 +626,18 @@ def test_transient_failures_are_retried_then_fail_clearly(trained, hub_client, c
         assert res.attempts == 3 and set(hub.files("erin/digits")) == EXPECTED_FILES
 
 
+def test_connection_errors_are_retried(trained, hub_client):
+    import socket
+
+    out, _, _ = trained
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with pytest.raises(HubError) as e:
+        push_to_hub(out, "hal/digits", token=TOKEN, endpoint=dead, max_retries=2, retry_wait=0.01)
+    assert "after 3 attempts" in str(e.value) and "ConnectError" in str(e.value) and "hal/digits" in str(e.value)
+
+
 def test_failed_push_after_training_keeps_the_run_and_says_how_to_retry(trained, hub_client, monkeypatch, capsys):
     from flowlab.cli import EXIT_PUSH_FAILED, _push_after_training
     from flowlab.train import load_config

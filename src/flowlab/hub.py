@@ -595,6 +595,15 @@ def _is_transient(err: BaseException) -> bool:
         return False
 
 
+def _retry_after(err: BaseException) -> float:
+    """Seconds a 429/503 response asks to wait (``Retry-After``), else 0."""
+    response = getattr(err, "response", None)
+    try:
+        return max(0.0, float(response.headers.get("Retry-After", 0))) if response is not None else 0.0
+    except (TypeError, ValueError, AttributeError):  # an HTTP date or garbage: use our own schedule
+        return 0.0
+
+
 def _describe(err: BaseException, token: Optional[str]) -> str:
     """A short, token-free account of what went wrong."""
     from huggingface_hub.errors import HfHubHTTPError
@@ -646,7 +655,8 @@ def push_to_hub(
         dry_run: send nothing; list the files and write the card to ``preview_dir``.
         commit_message: default ``"Upload <artefact> trained with flowlab (<recipe>)"``.
         max_retries: retries after the first try on transient failures (connection errors, HTTP
-            408/429/5xx); waits ``retry_wait * 2**k`` seconds (capped at 60) before retry ``k + 1``.
+            408/429/5xx); waits ``retry_wait * 2**k`` seconds, or the response's ``Retry-After`` if
+            longer, capped at 60, before retry ``k + 1``.
         retry_wait: the first backoff delay in seconds.
         license: the card's license; default the run's ``hub.license``, else :data:`DEFAULT_LICENSE`.
         endpoint: the Hub URL; default ``HF_ENDPOINT`` or https://huggingface.co.
@@ -713,7 +723,7 @@ def _push(files, output_dir, repo_id, private, revision, token, commit_message, 
         except Exception as err:  # noqa: BLE001 - every failure becomes one token-free HubError
             cause = _describe(err, token)
             if _is_transient(err) and attempt <= max_retries:
-                wait = min(retry_wait * 2 ** (attempt - 1), 60.0)
+                wait = min(max(retry_wait * 2 ** (attempt - 1), _retry_after(err)), 60.0)
                 logger.warning("push to %s failed (%s); retry %d/%d in %.1fs", target, cause, attempt, max_retries, wait)
                 time.sleep(wait)
                 continue
