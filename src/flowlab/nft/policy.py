@@ -88,8 +88,11 @@ class Policy(nn.Module):
     lora: LoraSpec | None = None
 
     # ----------------------------------------------------------------- roles
-    def forward(self, x: Tensor, t: Tensor, cond: Any) -> Tensor:
-        """The current policy's velocity (with gradients)."""
+    def forward(self, x: Tensor, t: Tensor, cond: Any, guidance_scale: float = 1.0) -> Tensor:
+        """The current policy's velocity (with gradients); ``guidance_scale != 1``: its guided field
+        (:meth:`field`), e.g. FlowGRPO's step likelihoods of rollouts sampled with CFG."""
+        if guidance_scale != 1.0:
+            return self.field(cond, "current", guidance_scale)(x, t)
         return self._velocity(x, t, cond, "current")
 
     def velocity(self, x: Tensor, t: Tensor, cond: Any, role: str = "current") -> Tensor:

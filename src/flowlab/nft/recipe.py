@@ -512,13 +512,13 @@ class FlowGRPORecipe(RLRecipe):
             lp_old = traj.log_probs[k_idx, r_idx]
             t, t_next = times[k_idx].to(ctx.device), times[k_idx + 1].to(ctx.device)
             cond = _repeat_cond(ro.cond, kk)
-            u = model(x_k, t, cond)
+            u = model(x_k, t, cond, self.rl.guidance_scale)  # the rollouts' field: CFG included
             step = flow_sde_step(x_k, u, t, t_next, g.noise_level, t_cap, x_next=x_next)
             per, ratio = grpo_loss(step.log_prob, lp_old, adv.repeat_interleave(kk), g.clip_range)
             logs = {}
             if g.kl_coef > 0:
                 with torch.no_grad():
-                    u_ref = policy.velocity(x_k, t, cond, "ref")
+                    u_ref = self._field(policy, cond, "ref")(x_k, t)
                     mean_ref = flow_sde_step(x_k, u_ref, t, t_next, g.noise_level, t_cap, x_next=x_next).mean
                 std = step.std.reshape(-1, *([1] * (x_k.ndim - 1))).float().clamp_min(1e-8)
                 kl = (((step.mean.float() - mean_ref.float()) ** 2) / (2 * std**2)).flatten(1).mean(1)
