@@ -43,6 +43,12 @@ class UNetVelocity(ModelMixin, ConfigMixin, VelocityModelMixin):
             raise ValueError(f"UNetVelocity needs square images, got sample_shape={list(sample_shape)}")
         if not (len(block_out_channels) == len(down_block_types) == len(up_block_types)):
             raise ValueError("block_out_channels, down_block_types and up_block_types must have the same length")
+        halvings = len(block_out_channels) - 1  # every down block but the last halves the resolution
+        if h % (2**halvings):
+            raise ValueError(
+                f"{len(block_out_channels)} UNet levels halve the resolution {halvings} times, so the image side "
+                f"must be divisible by {2**halvings}; got {h} (use fewer block_out_channels or a larger data.resolution)"
+            )
         self.unet = UNet2DModel(
             sample_size=h,
             in_channels=c,

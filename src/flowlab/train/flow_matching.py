@@ -18,13 +18,28 @@ def build_velocity_model(config: Config, sample_shape: tuple[int, ...], num_clas
     """A velocity network from ``model.*`` (or ``model.pretrained``) for samples of ``sample_shape``."""
     m = config.model
     if m.pretrained:
-        model = FlowPipeline.from_pretrained(m.pretrained).velocity_model
+        try:
+            model = FlowPipeline.from_pretrained(m.pretrained).velocity_model
+        except (OSError, ValueError) as e:  # not a folder / repo, or not a FlowPipeline
+            raise ConfigError(f"model.pretrained: cannot load a FlowPipeline from {m.pretrained!r}: {' '.join(str(e).split())}") from None
         if tuple(model.sample_shape) != tuple(sample_shape):
             raise ConfigError(f"model.pretrained: {m.pretrained} draws samples of shape {model.sample_shape}, the data has {sample_shape}")
         return model
     if m.type in ("unet", "dit") and len(sample_shape) != 3:
         raise ConfigError(f"model.type={m.type} needs image data (C, H, W); data.name={config.data.name} gives {sample_shape}: use model.type=mlp")
     common = {"sample_shape": tuple(sample_shape), "num_classes": num_classes, "dropout": m.dropout}
+    try:
+        model = _construct(m, common)
+    except (ValueError, TypeError) as e:  # sizes that do not fit together (groups, heads, patches, block lists)
+        raise ConfigError(
+            f"model: cannot build model.type={m.type} for samples of shape {tuple(sample_shape)} "
+            f"from the model.* settings: {' '.join(str(e).split())}"
+        ) from None
+    set_attention_backend(model, m.attention)
+    return model
+
+
+def _construct(m, common: dict) -> nn.Module:
     if m.type in ("mlp", "conservative"):  # conservative: v = grad_x of a scalar MLP of the same shape
         model = MODEL_TYPES[m.type](hidden_dim=m.hidden_dim, depth=m.depth, time_embed_dim=m.time_embed_dim, **common)
     elif m.type == "unet":
@@ -41,7 +56,6 @@ def build_velocity_model(config: Config, sample_shape: tuple[int, ...], num_clas
         model = MODEL_TYPES["dit"](
             num_layers=m.num_layers, num_attention_heads=m.num_attention_heads, attention_head_dim=m.attention_head_dim, patch_size=m.patch_size, **common
         )
-    set_attention_backend(model, m.attention)
     return model
 
 
