@@ -708,6 +708,10 @@ def test_flowlab_train_is_train_py(tmp_path, capsys):
     rc = flowlab_main(["train", "train.max_stpes=5"])
     err = capsys.readouterr().err
     assert rc == 2 and "did you mean 'train.max_steps'" in err
+    rc = flowlab_main(["train", "--bogus"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("flowlab: error: unrecognized arguments: --bogus") and err.count("\n") == 1
+    assert flowlab_main(["train", "--help"]) == 0 and "usage: flowlab train" in capsys.readouterr().out
 
 
 def test_redaction_helpers():
