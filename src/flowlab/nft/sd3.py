@@ -304,7 +304,8 @@ class SD3Policy(Policy):
             from diffusers import StableDiffusion3Pipeline
             from peft.utils import get_peft_model_state_dict
 
-            state = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(self.transformer, adapter_name="default").items()}
+            lora_state = get_peft_model_state_dict(self.transformer, adapter_name="default")
+            state = {k: v.detach().float().cpu().contiguous() for k, v in lora_state.items()}
             config = self.transformer.peft_config["default"].to_dict()
             StableDiffusion3Pipeline.save_lora_weights(directory, transformer_lora_layers=state, transformer_lora_adapter_metadata=config)
             info["lora"] = {"rank": self.lora.rank, "alpha": self.lora.alpha, "target_modules": self.lora.target_modules}
