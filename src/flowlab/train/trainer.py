@@ -110,6 +110,42 @@ class _LocalBatches(torch.utils.data.Sampler):
             yield idx[self.rank * self.micro_local : (self.rank + 1) * self.micro_local].tolist()
 
 
+def _check_sharded_setup(acc: Accelerator, t, micro_local: int) -> None:
+    """FSDP / DeepSpeed launches (configs/accelerate/): set what they need, refuse what would train wrongly.
+
+    - DeepSpeed steps its engine inside every ``accelerator.backward`` unless accumulation goes
+      through ``accelerator.accumulate`` (flowlab's loop uses ``no_sync`` micro-steps), so only
+      ``train.grad_accum_steps=1`` is correct; ZeRO-3 shards parameters, which the EMA and the final
+      ``save_pretrained`` need whole. The per-device micro-batch is given to DeepSpeed here (flowlab
+      does not ``prepare`` a DataLoader it could read it from).
+    - FSDP shards parameters: the EMA and the final artefact would hold shards.
+    """
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.FSDP:
+        raise ConfigError(
+            "FSDP (accelerate launch --config_file configs/accelerate/fsdp.yaml) is not supported by flowlab's "
+            "trainer yet: the EMA and the final save_pretrained need whole parameters, FSDP shards them. "
+            "Use DDP (configs/accelerate/ddp_gpu.yaml) or DeepSpeed ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml)."
+        )
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        plugin = acc.state.deepspeed_plugin
+        ds = plugin.deepspeed_config
+        stage = int(ds.get("zero_optimization", {}).get("stage", plugin.zero_stage or 0))
+        if stage > 2:
+            raise ConfigError(f"DeepSpeed ZeRO-{stage}: flowlab supports ZeRO stages 0-2 (ZeRO-3 shards the parameters the EMA and the final save need)")
+        gas = ds.get("gradient_accumulation_steps", 1)
+        if t.grad_accum_steps != 1 or gas not in (1, "auto"):
+            raise ConfigError(
+                f"train.grad_accum_steps: must be 1 under DeepSpeed (got {t.grad_accum_steps}, DeepSpeed "
+                f"gradient_accumulation_steps={gas}): the engine steps after every backward. Use more processes "
+                "or a larger per-device batch for a larger global batch."
+            )
+        ds["gradient_accumulation_steps"] = 1
+        ds["train_micro_batch_size_per_gpu"] = micro_local
+        ds["train_batch_size"] = micro_local * acc.num_processes
+
+
 class Trainer:
     """Train ``recipe`` as configured by ``config``.
 
@@ -161,6 +197,7 @@ class Trainer:
         self.micro_global = t.batch_size // t.grad_accum_steps
         self.micro_local = self.micro_global // shards
         self.data_rank = accelerator.process_index if self.shard else 0
+        _check_sharded_setup(accelerator, t, self.micro_local)
 
     # ------------------------------------------------------------------ set-up
     def _prepare_output_dir(self) -> None:
@@ -465,7 +502,8 @@ class Trainer:
                     norms = [torch.nn.utils.clip_grad_norm_(g, t.max_grad_norm) for g in self._clip_groups if g]
                     grad_norm = torch.stack(norms).pow(2).sum().sqrt() if norms else grad_norm
                 elif t.max_grad_norm > 0:
-                    grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                    norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)  # None under DeepSpeed before its first step
+                    grad_norm = grad_norm if norm is None else norm
                 optimizer.step()
                 self.lr_scheduler.step()
                 self.ema.step(self._ema_params(model))
