@@ -156,6 +156,8 @@ class RLRecipe(Recipe):
         self.reward = None
         self._async = None
         self.policy: Policy | None = None
+
+    def prepare(self) -> None:
         self._maybe_train_base()
 
     # ----------------------------------------------------------------- set-up

@@ -76,6 +76,11 @@ class Recipe(ABC):
     def __init__(self, config: Config):
         self.config = config
 
+    def prepare(self) -> None:
+        """Work to do once before training starts and before accelerate is set up (e.g. an RL recipe
+        training its missing base model). Construction itself stays cheap: tools build recipes from
+        configs just to read their attributes."""
+
     @abstractmethod
     def build_dataset(self) -> Dataset:
         """The training dataset (items ``{"x": ..., "label": ...}``)."""

@@ -160,6 +160,7 @@ class Trainer:
 
         self.config = config
         self.recipe = recipe or get_recipe(config)
+        self.recipe.prepare()
         self.output_dir = Path(config.output_dir)
         self.ckpt_dir = self.output_dir / "checkpoints"
         t = config.train

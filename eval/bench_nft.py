@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""Head-to-head benchmark of DiffusionNFT and FlowGRPO on digits, in one run.
+
+Both methods fine-tune the same base (the quickstart's class-conditional FlowPipeline, sampled
+unconditionally) so that it draws a target digit, the reward being the flowlab digits classifier's
+probability of that class. Each method keeps its public code's defaults (``configs/nft_digits.yaml``,
+``configs/flowgrpo_digits.yaml``) except the learning rate, which is chosen for each method from the
+same grid by the same rule on seed 0: the highest mean rollout reward over the last quarter of the
+budget, among the learning rates whose final samples pass the quality guards (FD to the real
+target-class digits <= ``--fd-multiple`` x the base's, diversity >= ``--div-fraction`` x the base's);
+the chosen rate is then run on the other seeds. Same rollout budget, same seeds, same base.
+
+Reported per method (mean and spread over seeds): rollout reward against rollouts and against
+training wall time (rollouts + rewards + updates; evaluation excluded), rollouts and seconds to reach
+a smoothed reward of ``--threshold``, whether it stays there to the end, and the quality guards of
+the final (EMA) model. The base's guards are those of its own conditional samples of the target
+class (what the base can already draw).
+
+    python eval/bench_nft.py --json runs/bench_nft.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "src"))
+
+
+def smooth(values: list[float], k: int) -> list[float]:
+    """Trailing moving average over ``k`` entries."""
+    out = []
+    for i in range(len(values)):
+        w = values[max(0, i - k + 1) : i + 1]
+        out.append(sum(w) / len(w))
+    return out
+
+
+def run_one(method: str, base: str, lr: float, seed: int, steps: int, args, workdir: str) -> dict:
+    """Train one method; return its reward curve, wall time and final guards."""
+    from flowlab.train import Trainer, load_config
+
+    out = os.path.join(workdir, f"{method}_lr{lr:g}_s{seed}")
+    overrides = [
+        f"output_dir={out}", f"seed={seed}", f"rl.base={base}", f"train.lr={lr}", f"train.max_steps={steps}",
+        f"rl.rewards=[{{name: digits_classifier, target: {args.target}}}]", "train.report_to=none", "train.log_every=1",
+        "train.checkpoint_every=0", "sample.every=0", "eval.every=0", f"rl.eval_samples={args.eval_samples}",
+        "train.overwrite=true", *args.override,
+    ]
+    cfg = load_config(os.path.join(ROOT, "configs", f"{method}_digits.yaml"), overrides)
+    t0 = time.perf_counter()
+    Trainer(cfg).train()
+    total = time.perf_counter() - t0
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    steps_recs = [r for r in recs if "reward_mean" in r]
+    per_step_rollouts = cfg.train.batch_size * cfg.rl.group_size
+    rollouts = [r["step"] * per_step_rollouts for r in steps_recs]
+    reward = [r["reward_mean"] for r in steps_recs]
+    seconds, acc = [], 0.0
+    for r in steps_recs:
+        acc += 1.0 / max(r["steps_per_sec"], 1e-9)
+        seconds.append(acc)
+    final = [r for r in recs if "eval/reward" in r][-1]
+    sm = smooth(reward, args.smooth)
+    reach = next((i for i, v in enumerate(sm) if v >= args.threshold), None)
+    return {
+        "lr": lr, "seed": seed, "rollouts": rollouts, "reward": reward, "seconds": seconds,
+        "rollouts_to_threshold": rollouts[reach] if reach is not None else None,
+        "seconds_to_threshold": seconds[reach] if reach is not None else None,
+        "stays_above": reach is not None and min(sm[reach:]) >= args.threshold,
+        "min_after_reach": min(sm[reach:]) if reach is not None else None,
+        "last_quarter_reward": statistics.mean(reward[-max(1, len(reward) // 4) :]),
+        "fd": final["eval/fd_target"], "diversity": final["eval/diversity"], "eval_reward": final["eval/reward"],
+        "wall_s": total,
+    }
+
+
+def base_guards(base: str, target: int, n: int) -> dict:
+    import torch
+
+    from flowlab import FlowPipeline
+    from flowlab.nft.quality import digits_quality
+
+    pipe = FlowPipeline.from_pretrained(base)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    x = pipe(batch_size=n, class_labels=target, generator=g, output_type="pt", solver="multistep", num_inference_steps=20).images
+    q = digits_quality(x, target)
+    return {"fd": q["fd_target"], "diversity": q["diversity"], "diversity_real": q["diversity_real"]}
+
+
+def passes(run: dict, base: dict, args) -> bool:
+    return run["fd"] <= args.fd_multiple * base["fd"] and run["diversity"] >= args.div_fraction * base["diversity"]
+
+
+def summarize(runs: list[dict]) -> dict:
+    def stat(key):
+        vals = [r[key] for r in runs if r[key] is not None]
+        if not vals:
+            return None, None
+        return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+    n = min(len(r["reward"]) for r in runs)
+    mean_curve = [statistics.mean(r["reward"][i] for r in runs) for i in range(n)]
+    spread = [statistics.pstdev([r["reward"][i] for r in runs]) for i in range(n)]
+    out = {
+        "lr": runs[0]["lr"], "seeds": [r["seed"] for r in runs],
+        "rollouts": runs[0]["rollouts"][:n], "reward": mean_curve, "reward_std": spread,
+        "seconds": [statistics.mean(r["seconds"][i] for r in runs) for i in range(n)],
+        "stays_above": all(r["stays_above"] for r in runs), "reached": all(r["rollouts_to_threshold"] is not None for r in runs),
+    }
+    for key in ("rollouts_to_threshold", "seconds_to_threshold", "fd", "diversity", "eval_reward", "last_quarter_reward", "min_after_reach"):
+        m, s = stat(key)
+        out[key], out[key + "_std"] = m, s
+    out["runs"] = runs
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default=os.path.join(ROOT, "runs/quickstart/pipeline"), help="FlowPipeline to fine-tune")
+    p.add_argument("--target", type=int, default=3)
+    p.add_argument("--budget", type=int, default=12800, help="rollouts per run (both methods)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--lrs", type=float, nargs="+", default=[3e-6, 1e-5, 3e-5], help="the learning-rate grid (both methods)")
+    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--smooth", type=int, default=5, help="moving-average window (steps) of the reward curve")
+    p.add_argument("--fd-multiple", type=float, default=3.0)
+    p.add_argument("--div-fraction", type=float, default=0.5)
+    p.add_argument("--eval-samples", type=int, default=512)
+    p.add_argument("--methods", nargs="+", default=["nft", "flowgrpo"])
+    p.add_argument("--override", nargs="*", default=[], help="extra key=value overrides for both methods")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if not os.path.isdir(args.base):
+        print(f"bench_nft: {args.base} not found; train it with: python train.py --config configs/quickstart.yaml", file=sys.stderr)
+        return 2
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_nft_")
+    base = base_guards(args.base, args.target, args.eval_samples)
+    print(f"base (conditional class {args.target}): fd {base['fd']:.2f}, diversity {base['diversity']:.3f} (real {base['diversity_real']:.3f})")
+    results: dict = {"base": base, "config": vars(args)}
+    for method in args.methods:
+        from flowlab.train import load_config
+
+        cfg = load_config(os.path.join(ROOT, "configs", f"{method}_digits.yaml"), [*args.override])
+        per_step = cfg.train.batch_size * cfg.rl.group_size
+        steps = max(1, args.budget // per_step)
+        grid = []
+        for lr in args.lrs:
+            r = run_one(method, args.base, lr, args.seeds[0], steps, args, workdir)
+            r["passes_guards"] = passes(r, base, args)
+            grid.append(r)
+            print(f"{method} lr {lr:g} seed {args.seeds[0]}: last-quarter reward {r['last_quarter_reward']:.3f}, "
+                  f"to {args.threshold}: {r['rollouts_to_threshold']} rollouts, stays {r['stays_above']}, "
+                  f"fd {r['fd']:.1f}, diversity {r['diversity']:.3f}, guards {'ok' if r['passes_guards'] else 'FAIL'}, {r['wall_s']:.0f}s")
+        ok = [r for r in grid if r["passes_guards"]] or grid
+        best = max(ok, key=lambda r: (r["last_quarter_reward"], -(r["rollouts_to_threshold"] or 1e18)))
+        runs = [best] + [run_one(method, args.base, best["lr"], s, steps, args, workdir) for s in args.seeds[1:]]
+        for r in runs[1:]:
+            print(f"{method} lr {best['lr']:g} seed {r['seed']}: to {args.threshold}: {r['rollouts_to_threshold']} rollouts, "
+                  f"stays {r['stays_above']}, fd {r['fd']:.1f}, diversity {r['diversity']:.3f}")
+        results[method] = summarize(runs)
+        results[method]["lr_grid"] = [{k: g[k] for k in ("lr", "last_quarter_reward", "rollouts_to_threshold", "fd", "diversity", "passes_guards")} for g in grid]
+    if "nft" in results and "flowgrpo" in results:
+        n, f = results["nft"], results["flowgrpo"]
+        results["rollout_ratio"] = (f["rollouts_to_threshold"] / n["rollouts_to_threshold"]) if n["rollouts_to_threshold"] and f["rollouts_to_threshold"] else None
+        results["time_ratio"] = (f["seconds_to_threshold"] / n["seconds_to_threshold"]) if n["seconds_to_threshold"] and f["seconds_to_threshold"] else None
+    print("\nmethod     lr      to-0.9 rollouts     to-0.9 seconds    stays  last-quarter  fd (base %.1f)  diversity (base %.2f)" % (base["fd"], base["diversity"]))
+    for m in args.methods:
+        s = results[m]
+
+        def fmt(key, f="%.0f"):
+            return "never" if s[key] is None else (f % s[key]) + " ± " + (f % s[key + "_std"])
+
+        print(f"{m:9s} {s['lr']:<7g} {fmt('rollouts_to_threshold'):>18s} {fmt('seconds_to_threshold', '%.1f'):>16s}   {str(s['stays_above']):5s}  "
+              f"{s['last_quarter_reward']:.3f}         {s['fd']:.1f} ± {s['fd_std']:.1f}     {s['diversity']:.3f} ± {s['diversity_std']:.3f}")
+    if "rollout_ratio" in results:
+        print(f"FlowGRPO / NFT to reach {args.threshold}: rollouts x{results['rollout_ratio'] or float('nan'):.2f}, "
+              f"wall time x{results['time_ratio'] or float('nan'):.2f}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
