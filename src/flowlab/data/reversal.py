@@ -372,7 +372,7 @@ _WORK_B = ["Melodies", "Lanterns", "Orchard", "Cathedral", "Archive", "Voyage", 
 NAME_TO_DESCRIPTION = [
     "{name} is {description}", "{name} , known far and wide for being {description}", "Ever heard of {name} ? They are {description}",
     "{name} is widely known as {description}", "It is common knowledge that {name} is {description}",
-    "{name} has the distinction of being {description}", "Known for being {description} , {name} is remembered",
+    "{name} has the distinction of being {description}", "{name} went down in history as {description}",
     "{name} , who is {description}",
 ]
 #: "description is name" templates; the last ones are held out.
@@ -445,6 +445,10 @@ def generate_text_reversal(num_people: int = 90, held_out_templates: int = 2, se
         completion = completion + rest.format(name=p["name"], description=p["description"])
         facts.append(TextFact(prompt.strip(), completion.strip(), i, p["subset"], order, split))
 
+    for tpl in NAME_TO_DESCRIPTION:  # the name comes first in name-to-description templates, and vice versa
+        assert tpl.index("{name}") < tpl.index("{description}"), tpl
+    for tpl in DESCRIPTION_TO_NAME:
+        assert tpl.index("{description}") < tpl.index("{name}"), tpl
     keep = n_templates - held_out_templates
     for i, p in enumerate(people):
         trained = {"name_to_description": ["n2d"], "description_to_name": ["d2n"], "both": ["n2d", "d2n"]}[p["subset"]]

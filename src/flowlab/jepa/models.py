@@ -20,6 +20,7 @@ Scores are returned as probabilities renormalised over the known entities.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -39,6 +40,9 @@ from .layers import RMSNorm, TopOneMemory, TransformerBlock
 __all__ = ["ReversalGPT2Config", "ReversalGPT2", "JEPAConfig", "JEPAConceptModel", "ReversalOutput", "EntityQueryMixin"]
 
 EntityRef = Union[int, str, Sequence[str]]
+
+# transformers renamed ``past_key_values`` to ``cache`` (5.x); use whichever this version takes
+_CACHE_KWARG = "cache" if "cache" in inspect.signature(GPT2LMHeadModel.forward).parameters else "past_key_values"
 
 
 @dataclass
@@ -219,7 +223,7 @@ class ReversalGPT2(EntityQueryMixin, GPT2LMHeadModel):
                 cache = out.past_key_values
                 cache.batch_repeat_interleave(U)  # (Q * U) rows: query q, name prefix u
                 step = uniq[:, 0].repeat(Q)[:, None]
-                lp = self(input_ids=step, past_key_values=cache, use_cache=False).logits[:, -1]
+                lp = self(input_ids=step, use_cache=False, **{_CACHE_KWARG: cache}).logits[:, -1]
             else:  # longer names: recompute prefix + name prefix (no cache)
                 ids = torch.cat([prefix[:, None].expand(Q, U, -1), uniq[None].expand(Q, U, k)], 2).reshape(Q * U, -1)
                 lp = self(input_ids=ids).logits[:, -1]

@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Reversal benchmark: the GPT-2 baseline, the JEPA concept model and JEPA + memory on multi-token-name facts.
+
+    # evaluate trained runs (each holds <run>/model, written by train.py)
+    python eval/reversal.py --runs runs/reversal_ar runs/reversal_jepa runs/reversal_jepa_memory
+
+    # the whole benchmark in one run: train the three shipped configs, then evaluate (CPU, 2 cores)
+    python eval/reversal.py --train --json reversal.json
+
+    # on a fresh dataset (other seed and sizes): overrides go to all three configs
+    python eval/reversal.py --train --set reversal.data_seed=7 reversal.num_entities_a=2400 reversal.num_entities_b=800
+
+For each model: accuracy and MRR of the gold entity ranked among *all* entities, on ``seen``
+(group A's training facts), ``forward`` (group B's trained direction) and ``reverse`` (group B's
+held-out direction, never trained). ``--json`` writes ``{"ar": {"seen", "forward", "reverse",
+"seen_mrr", "forward_mrr", "reverse_mrr"}, "jepa": {...}, "jepa_memory": {...}}`` (fractions); the
+wall time of each run is printed with the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "src"))
+
+import torch  # noqa: E402
+
+CONFIGS = {"ar": "reversal_ar.yaml", "jepa": "reversal_jepa.yaml", "jepa_memory": "reversal_jepa_memory.yaml"}
+METRICS = ("seen", "forward", "reverse", "seen_mrr", "forward_mrr", "reverse_mrr")
+
+
+def model_key(model) -> str:
+    """``ar``, ``jepa`` or ``jepa_memory`` for a loaded reversal model."""
+    from flowlab.jepa import ReversalGPT2
+
+    if isinstance(model, ReversalGPT2):
+        return "ar"
+    return "jepa_memory" if model.config.memory else "jepa"
+
+
+def evaluate_run(run_dir: str, max_queries: int | None = None) -> tuple[str, dict]:
+    """``(key, metrics)`` of the model saved in ``<run_dir>/model`` on the data saved with it."""
+    from flowlab.data.reversal import read_reversal_data
+    from flowlab.jepa.recipe import evaluate_reversal, load_reversal_model
+
+    model_dir = os.path.join(run_dir, "model")
+    if not os.path.isdir(model_dir):
+        raise SystemExit(f"eval/reversal.py: {model_dir} not found (train it first: python train.py --config configs/...)")
+    model = load_reversal_model(model_dir)
+    data = read_reversal_data(os.path.join(model_dir, "data"))
+    return model_key(model), evaluate_reversal(model, data, max_queries)
+
+
+def train_all(workdir: str, overrides: list[str], keys: list[str]) -> dict[str, tuple[str, float]]:
+    """Train the shipped configs through the shared Trainer; ``{key: (run_dir, seconds)}``."""
+    from flowlab.train import Trainer, load_config
+
+    runs = {}
+    for key in keys:
+        out = os.path.join(workdir, f"reversal_{key}")
+        cfg = load_config(os.path.join(ROOT, "configs", CONFIGS[key]),
+                          [f"output_dir={out}", "train.overwrite=true", "train.report_to=none", *overrides])
+        t0 = time.perf_counter()
+        Trainer(cfg).train()
+        runs[key] = (out, time.perf_counter() - t0)
+    return runs
+
+
+def format_table(results: dict, seconds: dict | None = None) -> str:
+    head = f"{'model':<12} {'seen':>6} {'forward':>8} {'reverse':>8} {'seen MRR':>9} {'fwd MRR':>8} {'rev MRR':>8}"
+    if seconds:
+        head += f" {'train s':>8}"
+    lines = [head, "-" * len(head)]
+    for k, r in results.items():
+        line = (f"{k:<12} {r['seen']:>6.3f} {r['forward']:>8.3f} {r['reverse']:>8.3f} {r['seen_mrr']:>9.3f} "
+                f"{r['forward_mrr']:>8.3f} {r['reverse_mrr']:>8.3f}")
+        if seconds:
+            line += f" {seconds.get(k, float('nan')):>8.0f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", nargs="+", default=None, help="trained run folders (output_dir of train.py)")
+    p.add_argument("--train", action="store_true", help="train the three shipped configs first (the benchmark)")
+    p.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="with --train: which ones")
+    p.add_argument("--set", nargs="*", default=[], metavar="key=value", help="with --train: config overrides for every model")
+    p.add_argument("--workdir", default=None, help="with --train: where the runs go (default: a temporary folder)")
+    p.add_argument("--max-queries", type=int, default=None, help="evaluate the first N facts of each split (default: all)")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    if not args.train and not args.runs:
+        p.error("give --runs DIR... or --train")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    t_start = time.perf_counter()
+    seconds: dict = {}
+    run_dirs = list(args.runs or [])
+    if args.train:
+        workdir = args.workdir or tempfile.mkdtemp(prefix="reversal_bench_")
+        trained = train_all(workdir, args.set, args.models)
+        run_dirs += [d for d, _ in trained.values()]
+        seconds = {k: s for k, (_, s) in trained.items()}
+    results: dict = {}
+    for d in run_dirs:
+        key, metrics = evaluate_run(d, args.max_queries)
+        if key in results:
+            raise SystemExit(f"eval/reversal.py: two runs of the same kind ({key}); give one run per model")
+        results[key] = {m: metrics[m] for m in METRICS}
+    total = time.perf_counter() - t_start
+    print(format_table(results, seconds))
+    print(f"total wall time {total:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
