@@ -162,6 +162,8 @@ _VALID = ["train.max_steps=3", "train.lr=1e-4", "model.hidden_dim=8", "seed=7", 
 @given(bad=_malformed_item(), before=st.lists(st.sampled_from(_VALID), max_size=3), after=st.lists(st.sampled_from(_VALID), max_size=3))
 def test_property_malformed_command_lines_exit_2_naming_the_problem(bad, before, after):
     item, fragments = bad
+    key = item.split("=", 1)[0]
+    before, after = ([v for v in vs if v.split("=", 1)[0] != key] for vs in (before, after))  # a later value would win
     with tempfile.TemporaryDirectory() as d:
         argv = [f"output_dir={d}/run", *before, item, *after]
         msg = _clean_error(*_run(argv), argv)

@@ -347,3 +347,28 @@ def test_unwritable_output_dir_is_a_clean_error(tmp_path, capsys):
     assert train_main(_args(blocker)) == 2  # output_dir itself is a file
     msg = _one_paragraph_error(capsys.readouterr().err)
     assert msg.startswith("flowlab: error: output_dir:") and str(blocker) in msg
+
+
+# --------------------------------------------------------------------------- resuming with another config
+
+
+@pytest.mark.parametrize(
+    "extra,fragments",
+    [
+        (["model.hidden_dim=64"], ["size mismatch", "model.hidden_dim: 32 in the checkpoint, 64 now"]),
+        (["model.class_conditional=true"], ["label_embed", "model.class_conditional: False in the checkpoint, True now"]),
+        (["recipe=noprop"], ["recipe='flow_matching'", "recipe='noprop'"]),
+    ],
+    ids=["wider-model", "conditional-model", "other-recipe"],
+)
+def test_resume_with_a_config_that_does_not_fit_is_a_clean_error(tmp_path, reference, capsys, extra, fragments):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    before = {p.name: (p / "manifest.json").read_text() for _, p in list_checkpoints(out / "checkpoints")}
+    assert train_main(_args(out, "train.resume=latest", *extra)) == 2
+    msg = _one_paragraph_error(capsys.readouterr().err)
+    assert msg.startswith("flowlab: error: train.resume: ") and "checkpoint-40" in msg
+    for frag in fragments:
+        assert frag in msg, msg
+    assert {p.name: (p / "manifest.json").read_text() for _, p in list_checkpoints(out / "checkpoints")} == before
+    assert all(torch.equal(a, b) for a, b in zip(_weights(out).values(), _weights(reference).values()))

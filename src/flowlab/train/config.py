@@ -401,7 +401,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
             with open(path, "rb") as f:  # bytes: PyYAML reports bad encodings as a YAMLError with the position
-                data = yaml.safe_load(f) or {}
+                data = yaml.safe_load(f)
+            data = {} if data is None else data  # an empty file; but 0, false or [] are not mappings
         except OSError as e:
             raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror or e}") from None
         except yaml.YAMLError as e:

@@ -110,6 +110,21 @@ class _LocalBatches(torch.utils.data.Sampler):
             yield idx[self.rank * self.micro_local : (self.rank + 1) * self.micro_local].tolist()
 
 
+def _resume_mismatch(path: Path, state: dict, config: Config, error: Exception) -> str:
+    """One paragraph for a checkpoint whose model or optimizer does not fit the current config."""
+    first = " ".join(str(error).split())[:300]
+    saved = _flatten(state.get("config") or {})
+    now = _flatten(config_to_dict(config))
+    skip = ("train.resume", "train.overwrite", "output_dir")
+    diff = [f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
+            if saved and not k.startswith(skip) and saved.get(k) != now.get(k)]
+    hint = f" Settings that differ: {'; '.join(diff[:6])}." if diff else ""
+    return (
+        f"train.resume: {path} does not fit this config ({first}).{hint} Resume with the config the run was "
+        "started with, or start afresh with train.overwrite=true or another output_dir."
+    )
+
+
 def _check_sharded_setup(acc: Accelerator, t, micro_local: int) -> None:
     """FSDP / DeepSpeed launches (configs/accelerate/): set what they need, refuse what would train wrongly.
 
@@ -363,7 +378,9 @@ class Trainer:
             acc.save_state(str(tmp))
             acc.wait_for_everyone()
             if acc.is_main_process:
-                finalize_checkpoint(tmp, final, {"step": step, "recipe": self.config.recipe, "seed": self.config.seed})
+                finalize_checkpoint(
+                    tmp, final, {"step": step, "recipe": self.config.recipe, "seed": self.config.seed, "config": config_to_dict(self.config)}
+                )
                 prune_checkpoints(self.ckpt_dir, self.config.train.checkpoints_total_limit)
         except OSError as e:  # e.g. a full disk: drop the partial folder, keep the older checkpoints
             shutil.rmtree(tmp, ignore_errors=True)
@@ -387,7 +404,12 @@ class Trainer:
                 state = verify_checkpoint(path)
             except CheckpointError as e:
                 raise ConfigError(f"train.resume: {e}") from None
-        acc.load_state(str(path))
+        if state.get("recipe", self.config.recipe) != self.config.recipe:
+            raise ConfigError(f"train.resume: {path} was written by recipe={state['recipe']!r}, this config has recipe={self.config.recipe!r}")
+        try:
+            acc.load_state(str(path))
+        except (RuntimeError, ValueError, KeyError) as e:  # shapes / parameter groups of another model
+            raise ConfigError(_resume_mismatch(path, state, self.config, e)) from None
         step = int(state["step"])
         acc.print(f"flowlab: resumed from {path} at step {step}")
         if acc.is_main_process:
