@@ -135,13 +135,17 @@ sys.exit(train_main(args))
 '''
 
 
-def _run_and_kill(tmp_path, mode, stop, args):
-    """Start the driver, wait until it blocks at ``mode``/``stop``, SIGKILL it. Returns its log."""
+def _run_and_kill(tmp_path, mode, stop, args, launcher=()):
+    """Start the driver, wait until it blocks at ``mode``/``stop``, SIGKILL it. Returns its log.
+
+    With ``launcher`` (an ``accelerate launch`` prefix) the process that blocks and is killed is
+    the main worker; the launcher then tears down the other worker and exits with an error."""
     driver, marker, log_path = tmp_path / "driver.py", tmp_path / f"at-{mode}", tmp_path / f"{mode}.log"
     driver.write_text(DRIVER)
+    env = {**os.environ, **({"ACCELERATE_USE_CPU": "1"} if launcher else {})}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, str(driver), ROOT, mode, str(marker), str(stop), *args],
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([*launcher, *([] if launcher else [sys.executable]), str(driver), ROOT, mode, str(marker), str(stop), *args],
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             deadline = time.monotonic() + 600  # a safety net for a hung test, not a measurement
             while not marker.exists():
@@ -150,9 +154,14 @@ def _run_and_kill(tmp_path, mode, stop, args):
                                 + log_path.read_text()[-3000:])
                 assert time.monotonic() < deadline, "driver never reached the kill point"
                 time.sleep(0.05)
-            assert int(marker.read_text()) == proc.pid
-            os.kill(proc.pid, signal.SIGKILL)
-            assert proc.wait() == -signal.SIGKILL
+            victim = int(marker.read_text())
+            if launcher:
+                os.kill(victim, signal.SIGKILL)
+                assert proc.wait() != 0
+            else:
+                assert victim == proc.pid
+                os.kill(proc.pid, signal.SIGKILL)
+                assert proc.wait() == -signal.SIGKILL
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -372,3 +381,33 @@ def test_resume_with_a_config_that_does_not_fit_is_a_clean_error(tmp_path, refer
         assert frag in msg, msg
     assert {p.name: (p / "manifest.json").read_text() for _, p in list_checkpoints(out / "checkpoints")} == before
     assert all(torch.equal(a, b) for a, b in zip(_weights(out).values(), _weights(reference).values()))
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_two_process_run_during_a_checkpoint_write(tmp_path, reference):
+    """Two gloo processes; the main one is SIGKILLed while writing checkpoint-30 (the other waits at
+    the barrier and is torn down by the launcher). A 2-process resume ends where a 1-process
+    uninterrupted run does (up to float round-off between process counts, as in test_distributed)."""
+    import json as _json
+    import socket
+
+    from conftest import launch_two_cpu_processes
+
+    out = tmp_path / "run"
+    args = _args(out)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    log = _run_and_kill(tmp_path, "save_state", 30, args, launcher=launcher)
+    assert "2 process(es) [MULTI_CPU]" in log, log[-2000:]
+    assert _steps(out) == [10, 20] and (out / "checkpoints" / ".tmp-checkpoint-30").is_dir()
+    log = launch_two_cpu_processes(*args, "train.resume=latest")
+    assert "checkpoint-20 at step 20" in log
+    ref, got = _weights(reference), _weights(out)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4)
+    steps = [_json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+    assert steps == [10, 20, 30, 40]
+    assert _steps(out) == [20, 30, 40] and _leftovers(out) == []
