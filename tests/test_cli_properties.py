@@ -22,7 +22,7 @@ import typing
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny_overrides
@@ -200,6 +200,10 @@ def _load_bytes(content: bytes):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(content=b"0")  # found by this property: falsy scalars were read as an empty config
+@example(content=b"false")
+@example(content=b"[]")
+@example(content=b"")  # an empty file is the default config
 @given(content=st.one_of(st.sampled_from(_BROKEN_YAML), st.binary(max_size=60), st.text(max_size=60).map(lambda s: s.encode("utf-8", "surrogatepass"))))
 def test_property_any_config_file_bytes_give_a_run_or_a_clean_error(content):
     with tempfile.TemporaryDirectory() as d:

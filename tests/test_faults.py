@@ -347,6 +347,20 @@ def test_full_disk_during_final_save(tmp_path, reference, full_disk, monkeypatch
     assert any(not torch.equal(new[k], old[k]) for k in new)  # now the 50-step weights
 
 
+def test_full_disk_while_logging_metrics(tmp_path, monkeypatch, capsys):
+    """Any other OSError during a run (here: appending to metrics.jsonl) is a clean error too."""
+    import flowlab.train.trainer as trainer_mod
+
+    def no_space(self, record):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.output_dir / "metrics.jsonl"))
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_write_metrics", no_space)
+    out = tmp_path / "run"
+    assert train_main(_args(out)) == 2
+    msg = _one_paragraph_error(capsys.readouterr().err)
+    assert "No space left on device" in msg and str(out / "metrics.jsonl") in msg
+
+
 def test_unwritable_output_dir_is_a_clean_error(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
