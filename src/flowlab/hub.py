@@ -371,13 +371,7 @@ def _default_card_data(repo_id: str, config: dict, artifact: Path) -> dict:
             call = f'pipe(class_labels=list(range({min(num_classes, 16)})), output_type="pil").images'
         else:
             call = 'pipe(batch_size=16, output_type="pil").images'
-        if module == "diffusers":
-            card["usage"] = f'from {module} import {cls}\npipe = {cls}.from_pretrained("{repo_id}")\nimages = {call}'
-        else:  # diffusers' Hub loader refuses components from outside diffusers: load from the downloaded snapshot
-            card["usage"] = (
-                f"from huggingface_hub import snapshot_download\nfrom {module} import {cls}\n"
-                f'pipe = {cls}.from_pretrained(snapshot_download("{repo_id}"))\nimages = {call}'
-            )
+        card["usage"] = f'from {module} import {cls}\npipe = {cls}.from_pretrained("{repo_id}")\nimages = {call}'
         if is_image:
             card["pipeline_tag"] = "unconditional-image-generation"
             tags.append("image-generation")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -15,7 +16,7 @@ from .. import models as _models  # noqa: F401  (diffusers' loader needs the com
 from ..flow.guidance import guided_field
 from .scheduling_flow import FlowScheduler
 
-__all__ = ["FlowPipeline", "FlowPipelineOutput", "check_output_type", "postprocess"]
+__all__ = ["FlowPipeline", "FlowPipelineOutput", "HubSnapshotMixin", "check_output_type", "postprocess"]
 
 # x1 / epsilon predictions carry no velocity where sigma_t = 0 (t = 1) or alpha_t = 0 (t = 0): the
 # conversion divides by sigma_t / alpha_t (clamped at 1e-6), so a model error delta there becomes a
@@ -49,6 +50,29 @@ def postprocess(x: Tensor, output_type: str, is_image: bool = True):
     return FlowPipeline.numpy_to_pil(arr) if output_type == "pil" else arr
 
 
+class HubSnapshotMixin:
+    """``from_pretrained`` that also takes a Hub repo id for pipelines whose components live outside
+    diffusers: diffusers' Hub download path only accepts components from diffusers / transformers
+    modules, while loading from a local folder imports flowlab's. So a repo id is first downloaded
+    with ``huggingface_hub.snapshot_download`` (honouring ``revision``, ``token``, ``cache_dir``,
+    ``local_files_only`` and ``HF_HUB_OFFLINE``), then loaded from the snapshot folder."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        path = str(pretrained_model_name_or_path)
+        if not os.path.isdir(path):
+            from huggingface_hub import snapshot_download
+
+            path = snapshot_download(
+                path,
+                revision=kwargs.pop("revision", None),
+                token=kwargs.pop("token", None),
+                cache_dir=kwargs.pop("cache_dir", None),
+                local_files_only=kwargs.pop("local_files_only", False),
+            )
+        return super().from_pretrained(path, **kwargs)
+
+
 @dataclass
 class FlowPipelineOutput(ImagePipelineOutput):
     """``images``: PIL list, numpy ``(B, H, W, C)`` in [0, 1], or tensor ``(B, C, H, W)`` in [0, 1]
@@ -59,7 +83,7 @@ class FlowPipelineOutput(ImagePipelineOutput):
     trajectory: list | None = None
 
 
-class FlowPipeline(DiffusionPipeline):
+class FlowPipeline(HubSnapshotMixin, DiffusionPipeline):
     """Sample a velocity model by integrating ``dx/dt = v(x, t)`` from noise (t=0) to data (t=1).
 
     Components:

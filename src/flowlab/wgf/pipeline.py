@@ -10,13 +10,13 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from ..flow.likelihood import LikelihoodOutput
-from ..pipelines.flow_pipeline import FlowPipelineOutput, check_output_type, postprocess
+from ..pipelines.flow_pipeline import FlowPipelineOutput, HubSnapshotMixin, check_output_type, postprocess
 from .flow import ProbabilityFlow
 
 __all__ = ["WGFPipeline"]
 
 
-class WGFPipeline(DiffusionPipeline):
+class WGFPipeline(HubSnapshotMixin, DiffusionPipeline):
     """A diffusers model + its DDPM/DDIM scheduler, sampled in flowlab time (t=0 noise, t=1 data).
 
     The components have the names of diffusers' ``DDPMPipeline`` (``unet``, ``scheduler``), so
