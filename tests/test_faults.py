@@ -388,7 +388,9 @@ def test_resume_with_a_config_that_does_not_fit_is_a_clean_error(tmp_path, refer
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     before = {p.name: (p / "manifest.json").read_text() for _, p in list_checkpoints(out / "checkpoints")}
+    config_before = (out / "config.yaml").read_text()
     assert train_main(_args(out, "train.resume=latest", *extra)) == 2
+    assert (out / "config.yaml").read_text() == config_before  # still describes the checkpoints
     msg = _one_paragraph_error(capsys.readouterr().err)
     assert msg.startswith("flowlab: error: train.resume: ") and "checkpoint-40" in msg
     for frag in fragments:

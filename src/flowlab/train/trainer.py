@@ -239,11 +239,19 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "samples").mkdir(exist_ok=True)
             self.ckpt_dir.mkdir(exist_ok=True)
-            with open(self.output_dir / "config.yaml", "w") as f:
-                import yaml
-
-                yaml.safe_dump(config_to_dict(self.config), f, sort_keys=False)
+        # resuming a run: keep its config.yaml until the checkpoint has loaded under this config
+        self._config_pending = has_run and t.resume is not None
+        if not self._config_pending:
+            self._write_config()
         acc.wait_for_everyone()
+
+    def _write_config(self) -> None:
+        if self.accelerator.is_main_process:
+            import yaml
+
+            with open(self.output_dir / "config.yaml", "w") as f:
+                yaml.safe_dump(config_to_dict(self.config), f, sort_keys=False)
+        self._config_pending = False
 
     def _build(self) -> None:
         cfg, t, acc = self.config, self.config.train, self.accelerator
@@ -396,6 +404,8 @@ class Trainer:
             found = find_resume_checkpoint(self.ckpt_dir)
             if found is None:
                 acc.print(f"flowlab: train.resume=latest but {self.ckpt_dir} has no valid checkpoint; starting from step 0")
+                if getattr(self, "_config_pending", False):
+                    self._write_config()
                 return 0
             path, state = found
         else:
@@ -410,6 +420,8 @@ class Trainer:
             acc.load_state(str(path))
         except (RuntimeError, ValueError, KeyError) as e:  # shapes / parameter groups of another model
             raise ConfigError(_resume_mismatch(path, state, self.config, e)) from None
+        if getattr(self, "_config_pending", False):
+            self._write_config()
         step = int(state["step"])
         acc.print(f"flowlab: resumed from {path} at step {step}")
         if acc.is_main_process:
