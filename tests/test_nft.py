@@ -39,6 +39,18 @@ def test_group_advantages_drop_nonfinite_and_count_flat_groups():
     assert a.advantages[0] < 0 < a.advantages[2]
 
 
+def test_std_floor_keeps_saturated_rewards_from_being_amplified():
+    r = torch.tensor([0.999, 0.998, 0.9995, 0.997])  # a saturated reward: std ~ 8e-4
+    g = torch.zeros(4, dtype=torch.long)
+    plain = group_advantages(r, g, clip=5.0).advantages
+    floored = group_advantages(r, g, clip=5.0, std_floor=0.1).advantages
+    assert plain.abs().max() > 1.0  # public code: 1e-3 differences become advantages of order 1
+    assert torch.allclose(floored, (r - r.mean()) / (0.1 + 1e-4), atol=1e-6)
+    assert floored.abs().max() < 0.02
+    wide = torch.tensor([0.0, 1.0, 0.2, 0.9])  # std above the floor: unchanged
+    assert torch.allclose(group_advantages(wide, g, std_floor=0.1).advantages, group_advantages(wide, g).advantages)
+
+
 def test_optimality_probability_matches_public_code():
     A = torch.linspace(-7, 7, 15)
     public = (A.clamp(-5, 5) / 10 + 0.5).clamp(0, 1)

@@ -4,7 +4,7 @@ Both RL recipes score ``G`` samples per condition ("group") and compare each sam
 group. DiffusionNFT's public code (and FlowGRPO's) use the group mean and the **global**
 standard deviation of the batch's rewards::
 
-    A = (R - mean_group(R)) / (std_global(R) + eps),   A <- clip(A, -c, c)
+    A = (R - mean_group(R)) / (max(std_global(R), floor) + eps),   A <- clip(A, -c, c)
 
 and DiffusionNFT maps it to an optimality probability ``r = 1/2 + 1/2 * A / c`` in ``[0, 1]``
 (the paper's ``r = 1/2 + 1/2 clip((R - E R) / Z, -1, 1)`` with ``Z = c * std``).
@@ -34,7 +34,7 @@ class Advantages:
     num_groups: int
 
 
-def group_advantages(rewards: Tensor, groups: Tensor, clip: float = 5.0, eps: float = 1e-4) -> Advantages:
+def group_advantages(rewards: Tensor, groups: Tensor, clip: float = 5.0, eps: float = 1e-4, std_floor: float = 0.0) -> Advantages:
     """Advantages of ``rewards`` ``(N,)`` relative to their group (``groups`` ``(N,)`` integer ids).
 
     Args:
@@ -42,6 +42,10 @@ def group_advantages(rewards: Tensor, groups: Tensor, clip: float = 5.0, eps: fl
         groups: the group (condition) of each sample.
         clip: ``c``, the advantages are clipped to ``[-c, c]`` (``0`` disables clipping).
         eps: added to the global std.
+        std_floor: the global std is taken as at least this. Once a reward saturates (every sample
+            scores ~1), the batch std collapses and dividing by it turns differences of 1e-3 into
+            full-size advantages that push the model off the data manifold (reward hacking); a
+            floor on the scale lets such differences count for what they are.
     """
     rewards = rewards.detach().double().cpu()
     groups = groups.detach().long().cpu()
@@ -59,7 +63,7 @@ def group_advantages(rewards: Tensor, groups: Tensor, clip: float = 5.0, eps: fl
             if m.sum() < 2 or (r.max() - r.min()) <= 1e-12 * max(1.0, float(r.abs().max())):
                 zero_var += 1
                 continue
-            adv[m] = (r - r.mean()) / (std + eps)
+            adv[m] = (r - r.mean()) / (max(float(std), std_floor) + eps)
     else:
         zero_var = len(ids)
     if clip > 0:

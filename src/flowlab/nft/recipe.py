@@ -65,6 +65,7 @@ class RLConfig:
     shift: float = field(default=1.0, metadata={"min": 1e-6})
     guidance_scale: float = 1.0
     adv_clip: float = field(default=5.0, metadata={"min": 0.0})
+    adv_std_floor: float = field(default=0.0, metadata={"min": 0.0})  # floor on the global reward std (0: public code)
     lora_rank: int = field(default=0, metadata={"min": 0})  # 0: full fine-tuning
     lora_alpha: float = field(default=0.0, metadata={"min": 0.0})  # 0: 2 x rank
     lora_targets: list[str] = field(default_factory=list)  # [] = the pipeline's default targets
@@ -281,7 +282,7 @@ class RLRecipe(Recipe):
         rows = torch.arange(ctx.start, ctx.end).repeat_interleave(G)
         all_rewards = _gather(rewards.to(ctx.device)).cpu()
         all_rows = _gather(rows.to(ctx.device)).cpu()
-        adv = group_advantages(all_rewards, all_rows, clip=self.rl.adv_clip)
+        adv = group_advantages(all_rewards, all_rows, clip=self.rl.adv_clip, std_floor=self.rl.adv_std_floor)
         from accelerate import PartialState
 
         rank = PartialState().process_index if PartialState().num_processes > 1 else 0
