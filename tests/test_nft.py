@@ -305,3 +305,32 @@ def test_two_processes_match_one(recipe, tiny_base, tmp_path):
     ra = [r["reward_mean"] for r in _metrics(one) if "reward_mean" in r]
     rb = [r["reward_mean"] for r in _metrics(two) if "reward_mean" in r]
     assert ra == pytest.approx(rb, abs=1e-6)  # rewards gathered from both processes
+
+
+def test_asynchronous_chunked_rewards_match_synchronous(tiny_base, tmp_path):
+    sync, asyn = tmp_path / "sync", tmp_path / "async"
+    train(*_rl_args("nft", sync, tiny_base, "train.max_steps=2"))
+    train(*_rl_args("nft", asyn, tiny_base, "train.max_steps=2", "rl.reward_workers=2", "rl.rollout_chunks=2"))
+    ra = [r["reward_mean"] for r in _metrics(sync) if "reward_mean" in r]
+    rb = [r["reward_mean"] for r in _metrics(asyn) if "reward_mean" in r]
+    assert ra == pytest.approx(rb, abs=1e-5)
+    a, b = _weights(sync / "pipeline"), _weights(asyn / "pipeline")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_bench_nft_writes_the_promised_json(tiny_base, tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "eval"))
+    import bench_nft
+
+    out = tmp_path / "bench.json"
+    rc = bench_nft.main(["--base", tiny_base, "--budget", "16", "--lrs", "1e-4", "--seeds", "0", "1", "--eval-samples", "16",
+                         "--workdir", str(tmp_path / "w"), "--json", str(out), "--override", "train.batch_size=2",
+                         "rl.group_size=4", "rl.num_inference_steps=2", "rl.eval_steps=2"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    for m in ("nft", "flowgrpo"):
+        assert res[m]["rollouts"] == [8, 16] and len(res[m]["reward"]) == 2
+        assert res[m]["seeds"] == [0, 1] and res[m]["lr"] == 1e-4
+        assert all(k in res[m] for k in ("fd", "diversity", "rollouts_to_threshold", "seconds"))
+    assert set(res["base"]) >= {"fd", "diversity"}
+    assert "rollout_ratio" in res and "time_ratio" in res
