@@ -74,6 +74,9 @@ class ReversalConfig:
     memory: bool = False  # reversal_jepa: mean-pool + top-1 key-value memory encoder
     temperature: float = field(default=0.1, metadata={"min": 1e-4})  # reversal_jepa: logits = cos / temperature
     negatives: str = field(default="batch", metadata=_choices("batch", "all"))  # reversal_jepa: in-batch or all entities
+    # reversal_jepa: learning-rate multiplier of the parameters that hold the concepts (the memory's values, or
+    # the token embeddings without memory): concepts must move faster than the predictor memorises (docs/jepa.md)
+    concept_lr_scale: float = field(default=1.0, metadata={"min": 0.0})
     # evaluation
     eval_max_queries: int = field(default=1000, metadata={"min": 1})  # per split, for the periodic eval
 
@@ -205,6 +208,21 @@ class ReversalJEPARecipe(_ReversalRecipe):
             **_vocab_kwargs(data),
         )
         return JEPAConceptModel(cfg)
+
+    @staticmethod
+    def concept_parameter_names(model: JEPAConceptModel) -> set[str]:
+        """The parameters that hold the concepts: the memory's values, or the token embeddings."""
+        return {"memory.values"} if model.config.memory else {"token_embed.weight"}
+
+    def parameters(self, model):
+        """Two optimiser groups: the concept parameters at ``train.lr * reversal.concept_lr_scale``, the rest at ``train.lr``."""
+        scale = self.config.reversal.concept_lr_scale
+        names = self.concept_parameter_names(model)
+        concept = [p for n, p in model.named_parameters() if n in names and p.requires_grad]
+        rest = [p for n, p in model.named_parameters() if n not in names and p.requires_grad]
+        if scale == 1.0:
+            return concept + rest
+        return [{"params": rest}, {"params": concept, "lr": self.config.train.lr * scale}]
 
     def training_step(self, model, batch: dict, ctx: StepContext) -> StepOutput:
         h, r, t = batch["head"], batch["relation"], batch["tail"]
