@@ -3,56 +3,15 @@
 The components follow diffusers' own SD3 fast tests: a one-layer ``SD3Transformer2DModel``, a
 one-block ``AutoencoderKL`` (VAE scale factor 1, SD3's scaling and shift factors), two tiny
 ``CLIPTextModelWithProjection`` and no T5 (``text_encoder_3=None``). The CLIP tokenizers are
-built from a byte-level BPE vocabulary this module writes (all 256 byte symbols, a few merges and
-CLIP's special tokens), so nothing is fetched from the Hub.
+built from a byte-level BPE vocabulary written by :mod:`helpers_clip` (all 256 byte symbols, a few
+merges and CLIP's special tokens), so nothing is fetched from the Hub.
 """
 from __future__ import annotations
 
-import json
-import os
-
 import torch
+from helpers_clip import write_clip_tokenizer_files  # tests/ is on sys.path (pytest's rootdir import)
 
 __all__ = ["write_tiny_sd3", "build_tiny_sd3", "write_clip_tokenizer_files"]
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable unicode symbol table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def write_clip_tokenizer_files(directory: str) -> str:
-    """Write ``vocab.json`` and ``merges.txt`` of a tiny CLIP BPE tokenizer into ``directory``.
-
-    The vocabulary holds every byte symbol alone and word-final (``</w>``), the merges ``th``,
-    ``the</w>`` and ``an</w>``, then ``<|startoftext|>`` and ``<|endoftext|>`` (517 entries).
-    """
-    os.makedirs(directory, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    merges = ["#version: 0.2"]
-    for a, b in [("t", "h"), ("th", "e</w>"), ("a", "n</w>")]:
-        merges.append(f"{a} {b}")
-        vocab[a + b] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("\n".join(merges) + "\n")
-    return directory
 
 
 def build_tiny_sd3(tokenizer_dir: str, seed: int = 0):
@@ -96,6 +55,7 @@ def build_tiny_sd3(tokenizer_dir: str, seed: int = 0):
 
 def write_tiny_sd3(directory: str, seed: int = 0) -> str:
     """Write a tiny SD3 pipeline folder (``save_pretrained``) to ``directory`` and return it."""
-    tok_dir = write_clip_tokenizer_files(os.path.join(directory + "-tokenizer-files"))
+    tok_dir = directory + "-tokenizer-files"
+    write_clip_tokenizer_files(tok_dir)
     build_tiny_sd3(tok_dir, seed).save_pretrained(directory)
     return directory

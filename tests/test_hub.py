@@ -35,7 +35,6 @@ import subprocess
 import sys
 import threading
 import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -44,6 +43,7 @@ import torch
 import yaml
 
 from conftest import ROOT, tiny_overrides
+from helpers_http import LocalHTTPServer, QuietHandler
 from flowlab.cli import main as flowlab_main
 from flowlab.cli import train_main
 from flowlab.hub import HubError, push_to_hub, redact_secrets, scrub_token
@@ -57,7 +57,7 @@ def _git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-class FakeHub:
+class FakeHub(LocalHTTPServer):
     """A minimal Hugging Face Hub on 127.0.0.1. See the module docstring for the routes.
 
     Args:
@@ -77,12 +77,7 @@ class FakeHub:
         self.lock = threading.Lock()
         hub = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):  # quiet
-                pass
-
+        class Handler(QuietHandler):
             def _serve(self, method):
                 n = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(n) if n else b""
@@ -108,17 +103,7 @@ class FakeHub:
             def do_PUT(self):
                 self._serve("PUT")
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod

@@ -9,17 +9,16 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from helpers_http import LocalHTTPServer, QuietHandler  # tests/ is on sys.path (pytest's rootdir import)
 from flowlab.rewards import RewardError, build_reward
 from flowlab.rewards.server import serve_in_thread
 
@@ -27,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an http_proxy
 
 
-class ScriptedServer:
+class ScriptedServer(LocalHTTPServer):
     """A local server whose answers follow a script: ``behaviours[i]`` handles request ``i``
     (the last one repeats). A behaviour is ``"ok"``, ``("status", code)``, ``("sleep", s)``,
     ``("raw", bytes)``, ``("scores", list)`` or ``"close"`` (drop the connection)."""
@@ -37,12 +36,7 @@ class ScriptedServer:
         self.requests: list[dict] = []
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def _send(self, code, body: bytes):
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
@@ -74,18 +68,7 @@ class ScriptedServer:
                 elif b[0] == "scores":
                     self._send(200, json.dumps({"scores": b[1]}).encode())
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/score"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler, path="/score")
 
 
 def _client(url, **options):

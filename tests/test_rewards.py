@@ -4,7 +4,6 @@ tokenizers and image processors are tiny, random and written to a temporary fold
 from __future__ import annotations
 
 import io
-import json
 import threading
 import time
 from concurrent.futures import Future
@@ -14,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers_clip import write_clip_tokenizer_files  # tests/ is on sys.path (pytest's rootdir import)
 from flowlab.data.digits import load_digits_arrays, to_unit_range
 from flowlab.rewards import (
     REWARDS,
@@ -305,30 +305,13 @@ def test_python_reward_config_errors(user_module, function, pattern):
 # --------------------------------------------------------------------------- CLIP family
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte-level BPE alphabet."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A random tiny CLIPModel + CLIPTokenizer (vocab/merges written here) + CLIPImageProcessor in one folder."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
     d = tmp_path_factory.mktemp("tiny_clip")
-    chars = list(_bytes_to_unicode().values())
-    merges = ["c a", "ca t</w>", "d o", "do g</w>", "r e", "re d</w>"]
-    tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    (d / "vocab.json").write_text(json.dumps(vocab))
-    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    vocab = write_clip_tokenizer_files(d, merges=[("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"), ("r", "e"), ("re", "d</w>")])
     tok = CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=77)
     assert len(tok) == len(vocab) == 520  # a real vocabulary, not transformers' empty fallback
     assert tok("a red cat").input_ids == [vocab["<|startoftext|>"], vocab["a</w>"], vocab["red</w>"], vocab["cat</w>"], vocab["<|endoftext|>"]]

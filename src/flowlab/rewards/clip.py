@@ -62,6 +62,13 @@ class _CLIPReward(RewardFunction):
 
     needs_text = True
 
+    def _setup(self, model: str, processor: str | None, divisor: float, device: str, dtype: str, batch_size: int) -> None:
+        """Check ``divisor`` and load the model (the image-text similarity rewards)."""
+        if not divisor > 0:
+            raise OptionError("divisor", f"must be positive, got {divisor}")
+        self.divisor = divisor
+        self._load(model, processor, device, dtype, batch_size)
+
     def _load(self, model: str, processor: str | None, device: str, dtype: str, batch_size: int) -> None:
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
@@ -169,10 +176,7 @@ class CLIPScoreReward(_CLIPReward):
         batch_size: int = 32,
     ):
         super().__init__()
-        if not divisor > 0:
-            raise OptionError("divisor", f"must be positive, got {divisor}")
-        self.divisor = divisor
-        self._load(model, processor, device, dtype, batch_size)
+        self._setup(model, processor, divisor, device, dtype, batch_size)
 
     def score(self, images: Tensor, prompts: list[str] | None, metadata) -> Tensor:
         return self._similarity(images, prompts, self.divisor)
@@ -204,12 +208,9 @@ class PickScoreReward(_CLIPReward):
         batch_size: int = 32,
     ):
         super().__init__()
-        if not divisor > 0:
-            raise OptionError("divisor", f"must be positive, got {divisor}")
-        self.divisor = divisor
         if processor is None and model == PICKSCORE_MODEL:
             processor = PICKSCORE_PROCESSOR
-        self._load(model, processor, device, dtype, batch_size)
+        self._setup(model, processor, divisor, device, dtype, batch_size)
 
     def score(self, images: Tensor, prompts: list[str] | None, metadata) -> Tensor:
         return self._similarity(images, prompts, self.divisor)
