@@ -384,6 +384,10 @@ class Trainer:
         acc.wait_for_everyone()
         try:
             acc.save_state(str(tmp))
+            if self._owners is not None:
+                # parameters split across processes: each process's optimiser holds the state of its own
+                # parameters only, and accelerate saves process 0's; keep every process's part
+                torch.save(self.optimizer.state_dict(), tmp / f"optimizer_rank{acc.process_index}.bin")
             acc.wait_for_everyone()
             if acc.is_main_process:
                 finalize_checkpoint(
@@ -420,6 +424,14 @@ class Trainer:
             acc.load_state(str(path))
         except (RuntimeError, ValueError, KeyError) as e:  # shapes / parameter groups of another model
             raise ConfigError(_resume_mismatch(path, state, self.config, e)) from None
+        if self._owners is not None:
+            part = Path(path) / f"optimizer_rank{acc.process_index}.bin"
+            if not part.is_file():
+                raise ConfigError(
+                    f"train.resume: {path} holds no optimiser state for process {acc.process_index} ({part.name}); "
+                    f"it was written by a run with another number of processes than {acc.num_processes}"
+                )
+            self.optimizer.load_state_dict(torch.load(part, map_location="cpu", weights_only=True))  # moved to the parameters by load_state_dict
         if getattr(self, "_config_pending", False):
             self._write_config()
         step = int(state["step"])
