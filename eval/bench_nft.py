@@ -117,8 +117,21 @@ def summarize(runs: list[dict]) -> dict:
     for key in ("rollouts_to_threshold", "seconds_to_threshold", "fd", "diversity", "eval_reward", "last_quarter_reward", "min_after_reach"):
         m, s = stat(key)
         out[key], out[key + "_std"] = m, s
+        vals = [r[key] for r in runs if r[key] is not None]
+        out[key + "_median"] = statistics.median(vals) if vals else None
     out["runs"] = runs
     return out
+
+
+def add_ratios(results: dict) -> None:
+    """FlowGRPO's rollouts (seconds) to the threshold over NFT's, from the medians over seeds (robust to a
+    seed that ran while the shared machine was busy); ``None`` if either never got there."""
+    if "nft" not in results or "flowgrpo" not in results:
+        return
+    n, f = results["nft"], results["flowgrpo"]
+    for name, key in (("rollout_ratio", "rollouts_to_threshold_median"), ("time_ratio", "seconds_to_threshold_median")):
+        ok = n[key] and f[key] and n["reached"] and f["reached"]
+        results[name] = f[key] / n[key] if ok else None
 
 
 def main(argv=None) -> int:
@@ -172,16 +185,14 @@ def main(argv=None) -> int:
                   f"stays {r['stays_above']}, fd {r['fd']:.1f}, diversity {r['diversity']:.3f}")
         results[method] = summarize(runs)
         results[method]["lr_grid"] = [{k: g[k] for k in ("lr", "last_quarter_reward", "rollouts_to_threshold", "fd", "diversity", "passes_guards")} for g in grid]
-    if "nft" in results and "flowgrpo" in results:
-        n, f = results["nft"], results["flowgrpo"]
-        results["rollout_ratio"] = (f["rollouts_to_threshold"] / n["rollouts_to_threshold"]) if n["rollouts_to_threshold"] and f["rollouts_to_threshold"] else None
-        results["time_ratio"] = (f["seconds_to_threshold"] / n["seconds_to_threshold"]) if n["seconds_to_threshold"] and f["seconds_to_threshold"] else None
-    print("\nmethod     lr      to-0.9 rollouts     to-0.9 seconds    stays  last-quarter  fd (base %.1f)  diversity (base %.2f)" % (base["fd"], base["diversity"]))
+    add_ratios(results)
+    print("\nmedian (mean ± sd) over seeds")
+    print("method     lr      to-0.9 rollouts     to-0.9 seconds    stays  last-quarter  fd (base %.1f)  diversity (base %.2f)" % (base["fd"], base["diversity"]))
     for m in args.methods:
         s = results[m]
 
         def fmt(key, f="%.0f"):
-            return "never" if s[key] is None else (f % s[key]) + " ± " + (f % s[key + "_std"])
+            return "never" if s[key] is None else (f % s[key + "_median"]) + " (" + (f % s[key]) + " ± " + (f % s[key + "_std"]) + ")"
 
         print(f"{m:9s} {s['lr']:<7g} {fmt('rollouts_to_threshold'):>18s} {fmt('seconds_to_threshold', '%.1f'):>16s}   {str(s['stays_above']):5s}  "
               f"{s['last_quarter_reward']:.3f}         {s['fd']:.1f} ± {s['fd_std']:.1f}     {s['diversity']:.3f} ± {s['diversity_std']:.3f}")
