@@ -1,7 +1,6 @@
 """Ranking metrics of link-prediction style queries."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 __all__ = ["gold_ranks", "ranking_metrics"]

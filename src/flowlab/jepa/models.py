@@ -220,7 +220,7 @@ class ReversalGPT2(EntityQueryMixin, GPT2LMHeadModel):
             uniq, inv = torch.unique(ents[:, :k], dim=0, return_inverse=True)  # distinct name prefixes (U, k)
             U = uniq.shape[0]
             if k == 1:
-                cache = out.past_key_values
+                cache = getattr(out, _CACHE_KWARG)  # the output field has the same name as the argument
                 cache.batch_repeat_interleave(U)  # (Q * U) rows: query q, name prefix u
                 step = uniq[:, 0].repeat(Q)[:, None]
                 lp = self(input_ids=step, use_cache=False, **{_CACHE_KWARG: cache}).logits[:, -1]
