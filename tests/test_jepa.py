@@ -308,3 +308,23 @@ def test_two_processes_match_one(tmp_path):
     l1 = [json.loads(x)["loss"] for x in open(one / "metrics.jsonl") if "loss" in json.loads(x)]
     l2 = [json.loads(x)["loss"] for x in open(two / "metrics.jsonl") if "loss" in json.loads(x)]
     torch.testing.assert_close(torch.tensor(l1), torch.tensor(l2), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("memory", [False, True])
+def test_concept_parameters_get_their_own_learning_rate(memory):
+    from flowlab.train.recipe import get_recipe
+
+    cfg = load_config(None, ["recipe=reversal_jepa", *TINY_RUN, f"reversal.memory={str(memory).lower()}", "train.lr=2e-3",
+                             "reversal.concept_lr_scale=10"])
+    recipe = get_recipe(cfg)
+    model = recipe.build_model(recipe.build_dataset())
+    rest, concept = recipe.parameters(model)
+    expected = model.memory.values if memory else model.token_embed.weight
+    assert len(concept["params"]) == 1 and concept["params"][0] is expected and concept["lr"] == pytest.approx(2e-2)
+    assert "lr" not in rest and all(p is not expected for p in rest["params"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(rest["params"]) + 1 == len(trainable)
+    opt = torch.optim.AdamW(recipe.parameters(model), lr=2e-3)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-3, 2e-2])
+    cfg1 = load_config(None, ["recipe=reversal_jepa", *TINY_RUN, f"reversal.memory={str(memory).lower()}"])
+    assert len(get_recipe(cfg1).parameters(model)) == len(trainable)  # scale 1: one plain list
