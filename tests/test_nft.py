@@ -334,3 +334,15 @@ def test_bench_nft_writes_the_promised_json(tiny_base, tmp_path):
         assert all(k in res[m] for k in ("fd", "diversity", "rollouts_to_threshold", "seconds"))
     assert set(res["base"]) >= {"fd", "diversity"}
     assert "rollout_ratio" in res and "time_ratio" in res
+
+
+@pytest.mark.slow
+def test_two_process_run_resumes_exactly(tiny_base, tmp_path):
+    """A 2-process NFT run stopped at its checkpoint and resumed with 2 processes equals an uninterrupted one
+    (old policy and per-process RNG included)."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    launch_two_cpu_processes(*_rl_args("nft", full, tiny_base))
+    launch_two_cpu_processes(*_rl_args("nft", cut, tiny_base, "train.max_steps=2"))
+    launch_two_cpu_processes(*_rl_args("nft", cut, tiny_base, "train.resume=latest"))
+    a, b = _weights(full / "pipeline"), _weights(cut / "pipeline")
+    assert all(torch.equal(a[k], b[k]) for k in a)
