@@ -346,3 +346,14 @@ def test_two_process_run_resumes_exactly(tiny_base, tmp_path):
     launch_two_cpu_processes(*_rl_args("nft", cut, tiny_base, "train.resume=latest"))
     a, b = _weights(full / "pipeline"), _weights(cut / "pipeline")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_card_data_for_the_hub():
+    from flowlab.train import load_config
+    from flowlab.train.recipe import get_recipe
+
+    digits = get_recipe(load_config("configs/nft_digits.yaml")).card_data("me/nft-digits")
+    assert 'FlowPipeline.from_pretrained("me/nft-digits")' in digits["usage"] and "class_labels" not in digits["usage"]
+    assert "diffusionnft" in digits["tags"] and "base_model" not in digits  # a local base is not a Hub id
+    sd3 = get_recipe(load_config("configs/flowgrpo_sd35_pickscore.yaml")).card_data("me/x")
+    assert sd3["base_model"] == "stabilityai/stable-diffusion-3.5-medium" and "flowgrpo" in sd3["tags"]

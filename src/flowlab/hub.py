@@ -28,7 +28,8 @@ metrics, never logged, and scrubbed from every error this module raises. Transie
 failures (connection errors, HTTP 408/429/5xx) are retried with exponential backoff; then
 a one-paragraph :class:`HubError` names the repo and the cause.
 
-A recipe can contribute card fields with an optional method ``card_data(self) -> dict``
+A recipe can contribute card fields with an optional method ``card_data(self, repo_id) -> dict``
+(or ``card_data(self)``)
 (keys: ``license``, ``base_model``, ``tags``, ``pipeline_tag``, ``library_name``,
 ``datasets``, ``usage`` (Python code), ``description`` (Markdown)); its values override the
 defaults this module derives from the artefact's layout, and its ``tags`` are added to the
@@ -538,7 +539,9 @@ def plan_push(
     extra = None
     hook = getattr(recipe, "card_data", None) if recipe is not None else None
     if callable(hook):
-        extra = hook()
+        import inspect
+
+        extra = hook(repo_id) if inspect.signature(hook).parameters else hook()
         if not isinstance(extra, dict):
             raise HubError(f"recipe {config.get('recipe')!r}: card_data() must return a dict, got {type(extra).__name__}")
     card_data = _merge_card_data(_default_card_data(repo_id, config, artifact), extra)

@@ -367,6 +367,25 @@ class RLRecipe(Recipe):
     def save_final(self, model, directory: str) -> None:
         model.save(directory)
 
+    def card_data(self, repo_id: str) -> dict:
+        """Model-card fields for ``flowlab push`` (see :mod:`flowlab.hub`)."""
+        rl = self.rl
+        method = {"nft": "DiffusionNFT", "flowgrpo": "FlowGRPO"}.get(self.name, self.name)
+        rewards = ", ".join(f"`{spec.get('name', '?')}`" for spec in rl.rewards)
+        data: dict = {
+            "tags": ["reinforcement-learning", method.lower()],
+            "description": f"Fine-tuned from `{rl.base}` with {method} (flowlab `recipe: {self.name}`) against the reward(s) {rewards}.",
+        }
+        if "/" in rl.base and not os.path.exists(rl.base) and rl.base.count("/") == 1:
+            data["base_model"] = rl.base
+        if rl.pipeline == "flowlab":
+            label = "" if not rl.class_labels else f", class_labels={rl.class_labels[0]}"
+            data["usage"] = (
+                f'from flowlab import FlowPipeline\npipe = FlowPipeline.from_pretrained("{repo_id}")\n'
+                f'images = pipe(batch_size=16{label}, output_type="pil").images'
+            )
+        return data
+
 
 @register_recipe("nft")
 class NFTRecipe(RLRecipe):
