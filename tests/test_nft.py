@@ -357,3 +357,19 @@ def test_card_data_for_the_hub():
     assert "diffusionnft" in digits["tags"] and "base_model" not in digits  # a local base is not a Hub id
     sd3 = get_recipe(load_config("configs/flowgrpo_sd35_pickscore.yaml")).card_data("me/x")
     assert sd3["base_model"] == "stabilityai/stable-diffusion-3.5-medium" and "flowgrpo" in sd3["tags"]
+
+
+def test_lora_recipe_trains_adapters_and_resumes_exactly(tiny_base, tmp_path):
+    """`rl.lora_rank > 0` through train.py: the LoRA adapter (default targets: every linear layer) is saved
+    beside the merged pipeline, and a resumed run (old adapter included) equals an uninterrupted one."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train(*_rl_args("nft", full, tiny_base, "rl.lora_rank=4"))
+    train(*_rl_args("nft", cut, tiny_base, "rl.lora_rank=4", "train.max_steps=2"))
+    train(*_rl_args("nft", cut, tiny_base, "rl.lora_rank=4", "train.resume=latest"))
+    a, b, base = _weights(full / "pipeline"), _weights(cut / "pipeline"), _weights(tiny_base)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert set(a) == set(base) and any(not torch.equal(a[k], base[k]) for k in a)  # merged, plain keys
+    from safetensors.torch import load_file
+
+    lora = load_file(str(full / "pipeline" / "lora" / "pytorch_lora_weights.safetensors"))
+    assert lora and all("lora_A" in k or "lora_B" in k for k in lora)

@@ -234,13 +234,13 @@ class RLRecipe(Recipe):
         except (OSError, ValueError, EnvironmentError) as e:
             raise ConfigError(f"rl.base: cannot load a FlowPipeline from {rl.base}: {e}") from None
         net = pipe.velocity_model
-        targets = [n.rsplit(".", 1)[-1] for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+        targets = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]  # every linear layer, by full name
         if net.num_classes == 0 and rl.class_labels:
             raise ConfigError(f"rl.class_labels: the base model {rl.base} is unconditional; leave rl.class_labels empty")
         for c in rl.class_labels:
             if not 0 <= c < max(net.num_classes, 1):
                 raise ConfigError(f"rl.class_labels: {c} is not a class of the base model (0..{net.num_classes - 1})")
-        self.policy = FlowPolicy(net, pipe.scheduler, lora=self._lora(sorted(set(targets))), reference=self.needs_reference)
+        self.policy = FlowPolicy(net, pipe.scheduler, lora=self._lora(targets), reference=self.needs_reference)
         return self.policy
 
     @property
