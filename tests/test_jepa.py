@@ -157,6 +157,10 @@ def test_save_load_round_trip_gives_identical_answers(tmp_path, kind):
     name = d.entity_name(int(f[0, 0]))
     assert loaded.answer(name, d.relation_names[int(f[0, 1])], top_k=5) == m.answer(name, d.relation_names[int(f[0, 1])], top_k=5)
     assert evaluate_reversal(loaded, d) == evaluate_reversal(m, d)
+    from transformers import AutoModel  # registered on import of flowlab.jepa: a pushed model loads by Auto class
+
+    auto = AutoModel.from_pretrained(tmp_path / "m")
+    assert type(auto) is type(m) and auto.answer(name, 0, top_k=3) == m.answer(name, 0, top_k=3)
 
 
 def test_answer_ranks_all_entities():

@@ -416,3 +416,18 @@ class JEPAConceptModel(EntityQueryMixin, PreTrainedModel):
         all_c = self.entity_concepts()
         pred = self.predict(all_c[heads], self.relation_concepts(relations))
         return self.similarity(pred, all_c).float().log_softmax(-1)
+
+
+def _register_auto_classes() -> None:
+    """Let ``AutoConfig`` / ``AutoModel`` (and ``AutoModelForCausalLM`` for the baseline) load saved reversal
+    models once ``flowlab.jepa`` is imported (e.g. ``AutoModel.from_pretrained(path)`` of a pushed model)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    for config_cls, model_cls, autos in ((JEPAConfig, JEPAConceptModel, (AutoModel,)),
+                                         (ReversalGPT2Config, ReversalGPT2, (AutoModel, AutoModelForCausalLM))):
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        for auto in autos:
+            auto.register(config_cls, model_cls, exist_ok=True)
+
+
+_register_auto_classes()
