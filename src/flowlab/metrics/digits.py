@@ -245,7 +245,13 @@ def load_classifier(cache_dir: str | os.PathLike | None = None, verbose: bool = 
         "torch": torch.__version__,
     }
     _atomic_save(model, path, metadata)
-    return model, {"path": str(path), "from_cache": False, **info}
+    # hand back a fresh model built from the saved weights, exactly as a later (cached) call would: the
+    # freshly trained module can differ from it in the last bits of its outputs, and a run that trains the
+    # classifier must score exactly like its resumed continuation that loads it
+    fresh = DigitsClassifier(tuple(r["arch"]["channels"]), r["arch"]["feature_dim"], r["arch"]["num_classes"])
+    fresh.load_state_dict(load_file(str(path)))
+    fresh.eval()
+    return fresh, {"path": str(path), "from_cache": False, **info}
 
 
 # --------------------------------------------------------------------------- Fréchet distance
