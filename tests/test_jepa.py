@@ -332,3 +332,12 @@ def test_concept_parameters_get_their_own_learning_rate(memory):
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-3, 2e-2])
     cfg1 = load_config(None, ["recipe=reversal_jepa", *TINY_RUN, f"reversal.memory={str(memory).lower()}"])
     assert len(get_recipe(cfg1).parameters(model)) == len(trainable)  # scale 1: one plain list
+
+
+@pytest.mark.parametrize("config, cls", [("reversal_jepa", "JEPAConceptModel"), ("reversal_ar", "ReversalGPT2")])
+def test_card_data_names_the_flowlab_class(config, cls):
+    from flowlab.train import load_config
+    from flowlab.train.recipe import get_recipe
+
+    card = get_recipe(load_config(f"configs/{config}.yaml")).card_data("me/rev")
+    assert f"from flowlab.jepa import {cls}" in card["usage"] and f'{cls}.from_pretrained("me/rev")' in card["usage"]

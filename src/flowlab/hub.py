@@ -351,7 +351,8 @@ def _default_card_data(repo_id: str, config: dict, artifact: Path) -> dict:
     recipe = config.get("recipe", "flow_matching")
     data_cfg = config.get("data") or {}
     model_cfg = config.get("model") or {}
-    tags = list(dict.fromkeys(["flowlab", "flow-matching", recipe.replace("_", "-")]))
+    generative = (artifact / "model_index.json").is_file() or (artifact / "pytorch_lora_weights.safetensors").is_file()
+    tags = list(dict.fromkeys(["flowlab", *(["flow-matching"] if generative else []), recipe.replace("_", "-")]))
     card: dict[str, Any] = {"library_name": "flowlab", "tags": tags}
     if _looks_like_repo_id(model_cfg.get("pretrained")):
         card["base_model"] = model_cfg["pretrained"]

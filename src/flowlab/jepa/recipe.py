@@ -154,10 +154,27 @@ class _ReversalRecipe(Recipe):
         self._unwrap(model).save_pretrained(directory)
         write_reversal_data(self.data, Path(directory) / "data")
 
+    #: the model class ``card_data`` names in its usage snippet
+    model_class = "JEPAConceptModel"
+
+    def card_data(self, repo_id: str) -> dict:
+        """Model-card fields for ``flowlab push``: the flowlab class to load with (importing
+        ``flowlab.jepa`` also registers the models with transformers' Auto classes)."""
+        return {
+            "tags": ["reversal-curse", self.name.replace("_", "-")],
+            "usage": (
+                f"from flowlab.jepa import {self.model_class}\n"
+                f'model = {self.model_class}.from_pretrained("{repo_id}")\n'
+                "model.answer(model.entity_name(0), model.config.relation_names[0], top_k=5)"
+            ),
+        }
+
 
 @register_recipe("reversal_ar")
 class ReversalARRecipe(_ReversalRecipe):
     """GPT-2 baseline (``recipe: reversal_ar``): next-token loss on the tail's tokens."""
+
+    model_class = "ReversalGPT2"
 
     def build_model(self, dataset) -> ReversalGPT2:
         r, data = self.config.reversal, dataset.data
