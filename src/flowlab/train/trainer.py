@@ -213,6 +213,8 @@ class Trainer:
         self.micro_global = t.batch_size // t.grad_accum_steps
         self.micro_local = self.micro_global // shards
         self.data_rank = accelerator.process_index if self.shard else 0
+        self._log_window: torch.Tensor | None = None
+        self._resumed_window: list[float] | None = None
         _check_sharded_setup(accelerator, t, self.micro_local)
 
     # ------------------------------------------------------------------ set-up
@@ -388,10 +390,15 @@ class Trainer:
                 # parameters split across processes: each process's optimiser holds the state of its own
                 # parameters only, and accelerate saves process 0's; keep every process's part
                 torch.save(self.optimizer.state_dict(), tmp / f"optimizer_rank{acc.process_index}.bin")
+            # the log window in progress (loss sum, steps, skipped steps, last grad norm) of every process, so
+            # a resumed run logs the same numbers as an uninterrupted one even between two log steps
+            window = self._log_window if self._log_window is not None else torch.zeros(4, dtype=torch.float64)
+            windows = acc.gather(window.to(acc.device, torch.float64)[None]).cpu().tolist()
             acc.wait_for_everyone()
             if acc.is_main_process:
                 finalize_checkpoint(
-                    tmp, final, {"step": step, "recipe": self.config.recipe, "seed": self.config.seed, "config": config_to_dict(self.config)}
+                    tmp, final, {"step": step, "recipe": self.config.recipe, "seed": self.config.seed,
+                                 "config": config_to_dict(self.config), "log_window": windows}
                 )
                 prune_checkpoints(self.ckpt_dir, self.config.train.checkpoints_total_limit)
         except OSError as e:  # e.g. a full disk: drop the partial folder, keep the older checkpoints
@@ -434,6 +441,9 @@ class Trainer:
             self.optimizer.load_state_dict(torch.load(part, map_location="cpu", weights_only=True))  # moved to the parameters by load_state_dict
         if getattr(self, "_config_pending", False):
             self._write_config()
+        windows = state.get("log_window")
+        if isinstance(windows, list) and len(windows) == acc.num_processes:
+            self._resumed_window = [float(v) for v in windows[acc.process_index]]
         step = int(state["step"])
         acc.print(f"flowlab: resumed from {path} at step {step}")
         if acc.is_main_process:
@@ -501,6 +511,11 @@ class Trainer:
         model.train()
         nonfinite_run, window_loss, window_n, window_skipped = 0, torch.zeros((), device=acc.device), 0, 0
         grad_norm = torch.zeros((), device=acc.device)
+        if self._resumed_window is not None:  # the log window the checkpoint was taken in
+            loss_sum, n, skipped, norm = self._resumed_window
+            window_loss.fill_(loss_sum)
+            window_n, window_skipped = int(n), int(skipped)
+            grad_norm = torch.tensor(norm, device=acc.device)
         window_start, window_steps = time.perf_counter(), 0
         extra_logs: dict = {}
         bar = tqdm(total=t.max_steps, initial=step, desc="training", disable=not acc.is_local_main_process, dynamic_ncols=True)
@@ -603,6 +618,9 @@ class Trainer:
             if sample_now or eval_now:
                 self._sample_and_eval(step, sample_now, eval_now)
             if done or (t.checkpoint_every > 0 and step % t.checkpoint_every == 0):
+                self._log_window = torch.stack([window_loss.double(), torch.tensor(float(window_n), dtype=torch.float64, device=acc.device),
+                                                torch.tensor(float(window_skipped), dtype=torch.float64, device=acc.device),
+                                                torch.as_tensor(grad_norm, device=acc.device).double()])
                 self.save_checkpoint(step)
             if sample_now or eval_now or done:
                 window_start = time.perf_counter()  # keep throughput a measure of training alone
