@@ -299,10 +299,14 @@ def test_dt_resume_is_exact(tmp_path):
     from flowlab.train import Trainer
     from safetensors.torch import load_file
 
+    import shutil
+
     full = _cfg(tmp_path / "a", "noprop.num_blocks=2", "train.max_steps=6", "train.checkpoint_every=3")
     Trainer(full).train()
-    part = _cfg(tmp_path / "b", "noprop.num_blocks=2", "train.max_steps=3", "train.checkpoint_every=3")
-    Trainer(part).train()
+    # as if killed right after checkpoint-3 (a real mid-run checkpoint: LR schedule and all)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "checkpoint-6")
+    shutil.rmtree(tmp_path / "b" / "classifier")
     resumed = _cfg(tmp_path / "b", "noprop.num_blocks=2", "train.max_steps=6", "train.checkpoint_every=3", "train.resume=latest")
     Trainer(resumed).train()
     w1 = load_file(tmp_path / "a" / "classifier" / "diffusion_pytorch_model.safetensors")
