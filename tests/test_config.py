@@ -465,3 +465,10 @@ def test_recipe_sections_register_validate_and_serialise():
         CONFIG_SECTIONS.pop("toy_recipe")
     with pytest.raises(AttributeError):
         load_config(None, []).toy_recipe
+
+
+def test_bare_no_is_the_string_choice_not_false():
+    """YAML 1.1 reads `no` as false; for a field whose choices include "no" it means the choice."""
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.mixed_precision"):
+        load_config(None, ["train.mixed_precision=true"])  # "yes" is not a choice

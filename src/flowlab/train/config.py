@@ -282,8 +282,10 @@ def _build(cls, data: Any, prefix: str):
         if dataclasses.is_dataclass(tp):
             kwargs[k] = _build(tp, v if v is not None else {}, key)
             continue
-        value = _check_value(v, tp, key)
         meta = fields[k].metadata
+        if isinstance(v, bool) and {"no", "yes"} & set(meta.get("choices", ())):
+            v = "yes" if v else "no"  # YAML 1.1 reads a bare `no` (e.g. train.mixed_precision=no) as false
+        value = _check_value(v, tp, key)
         if value is not None:
             if "choices" in meta and value not in meta["choices"]:
                 raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, meta['choices']))}")
