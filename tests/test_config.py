@@ -371,6 +371,8 @@ def _is_valid(value, tp, meta) -> bool:
                 return False
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     elif tp is str:
+        if isinstance(value, bool) and {"no", "yes"} & set(meta.get("choices", ())):
+            value = "yes" if value else "no"  # YAML's reading of a bare no / yes, for fields offering them
         ok = isinstance(value, str)
     else:  # pragma: no cover
         raise AssertionError(tp)
