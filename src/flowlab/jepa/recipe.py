@@ -144,6 +144,11 @@ class _ReversalRecipe(Recipe):
         return ReversalFactDataset(self.data, "train")
 
     @staticmethod
+    def _check_heads(r) -> None:
+        if r.hidden_size % r.num_heads:
+            raise ConfigError(f"reversal.hidden_size: {r.hidden_size} must be divisible by reversal.num_heads ({r.num_heads})")
+
+    @staticmethod
     def _unwrap(model):
         return getattr(model, "module", model)
 
@@ -178,8 +183,7 @@ class ReversalARRecipe(_ReversalRecipe):
 
     def build_model(self, dataset) -> ReversalGPT2:
         r, data = self.config.reversal, dataset.data
-        if r.hidden_size % r.num_heads:
-            raise ConfigError(f"reversal.hidden_size: {r.hidden_size} must be divisible by reversal.num_heads ({r.num_heads})")
+        self._check_heads(r)
         cfg = ReversalGPT2Config(
             vocab_size=len(data.vocab), n_embd=r.hidden_size, n_layer=r.num_layers, n_head=r.num_heads,
             n_inner=r.mlp_ratio * r.hidden_size, n_positions=2 * data.name_length + 2,
@@ -216,8 +220,7 @@ class ReversalJEPARecipe(_ReversalRecipe):
 
     def build_model(self, dataset) -> JEPAConceptModel:
         r, data = self.config.reversal, dataset.data
-        if r.hidden_size % r.num_heads:
-            raise ConfigError(f"reversal.hidden_size: {r.hidden_size} must be divisible by reversal.num_heads ({r.num_heads})")
+        self._check_heads(r)
         cfg = JEPAConfig(
             vocab_size=len(data.vocab), hidden_size=r.hidden_size, num_heads=r.num_heads, encoder_layers=r.encoder_layers,
             predictor_layers=r.predictor_layers, mlp_ratio=r.mlp_ratio, max_patch_len=max(3, data.name_length),
