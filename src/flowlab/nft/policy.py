@@ -139,32 +139,43 @@ class Policy(nn.Module):
     # ----------------------------------------------------------------- role switching
     @contextlib.contextmanager
     def _role(self, role: str):
-        """Make ``self.network`` compute ``role`` (LoRA: switch or disable adapters)."""
+        """The module that computes ``role``: the network itself for ``current``; under full fine-tuning
+        the frozen copy (:meth:`role_module`); with LoRA the network with its ``old`` adapter active
+        (``old``) or its adapters disabled (``ref``), restored to the trained ``default`` adapter after."""
         net = self.network
-        if self.lora is None or role == "current":
+        if role == "current":
             yield net
+            return
+        if self.lora is None:
+            yield self.role_module(role)
             return
         if role == "old":
             net.set_adapter("old")
-            try:
-                yield net
-            finally:
-                net.set_adapter("default")
-                for _, old in adapter_pairs(net):
-                    old.requires_grad_(False)
         else:  # ref: the base model
             net.disable_adapters()
-            try:
-                yield net
-            finally:
+        try:
+            yield net
+        finally:
+            if role == "ref":
                 net.enable_adapters()
-                net.set_adapter("default")
-                for _, old in adapter_pairs(net):
-                    old.requires_grad_(False)
+            net.set_adapter("default")  # also marks the old adapter trainable again: undo that
+            for _, old in adapter_pairs(net):
+                old.requires_grad_(False)
+
+    def _keep_frozen_copies(self, network: nn.Module, reference: bool) -> None:
+        """Full fine-tuning: frozen copies of ``network`` as the old policy (and the reference)."""
+        self.old = copy.deepcopy(network).requires_grad_(False)
+        if reference:
+            self.ref = copy.deepcopy(network).requires_grad_(False)
 
     def role_module(self, role: str) -> nn.Module | None:
-        """Full fine-tuning: the frozen module of ``old`` / ``ref`` (``None`` for LoRA or ``current``)."""
-        return None
+        """Full fine-tuning: the frozen copy computing ``old`` / ``ref`` (``None`` for LoRA or ``current``)."""
+        if self.lora is not None or role == "current":
+            return None
+        mod = getattr(self, role, None)
+        if mod is None:
+            raise ValueError(f"this policy keeps no {role!r} copy of its network (a KL term needs reference=True)")
+        return mod
 
     @torch.no_grad()
     def update_old(self, decay: float) -> None:
@@ -206,21 +217,11 @@ class FlowPolicy(Policy):
             add_policy_adapters(network, lora)
         else:
             network.requires_grad_(True)
-            self.old = copy.deepcopy(network).requires_grad_(False)
-            if reference:
-                self.ref = copy.deepcopy(network).requires_grad_(False)
+            self._keep_frozen_copies(network, reference)
 
     @property
     def network(self) -> nn.Module:
         return self.current
-
-    def role_module(self, role: str) -> nn.Module | None:
-        if self.lora is not None or role == "current":
-            return None
-        mod = getattr(self, role, None)
-        if mod is None:
-            raise ValueError(f"this policy keeps no {role!r} model (a KL term needs reference=True)")
-        return mod
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -231,9 +232,8 @@ class FlowPolicy(Policy):
         return self.scheduler.path
 
     def _velocity(self, x, t, cond, role):
-        mod = self.role_module(role)
         with self._role(role) as net:
-            out = (mod or net)(x, t.to(x.dtype), cond)
+            out = net(x, t.to(x.dtype), cond)
         return self.scheduler.to_velocity(out, x, t)
 
     def field(self, cond, role="current", guidance_scale=1.0):

@@ -124,9 +124,7 @@ class SD3Policy(Policy):
         else:
             _cast(transformer, torch.float32).requires_grad_(True)
             self.compute_dtype = torch.float32
-            self.old = copy.deepcopy(transformer).requires_grad_(False)
-            if reference:
-                self.ref = copy.deepcopy(transformer).requires_grad_(False)
+            self._keep_frozen_copies(transformer, reference)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -198,14 +196,6 @@ class SD3Policy(Policy):
     def network(self) -> nn.Module:
         return self.transformer
 
-    def role_module(self, role: str) -> nn.Module | None:
-        if self.lora is not None or role == "current":
-            return None
-        mod = getattr(self, role, None)
-        if mod is None:
-            raise ValueError(f"this policy keeps no {role!r} transformer (a KL term needs reference=True)")
-        return mod
-
     @property
     def sample_shape(self) -> tuple[int, ...]:
         side = self.resolution // self.vae_scale_factor
@@ -220,10 +210,9 @@ class SD3Policy(Policy):
         if not torch.is_tensor(t) or t.ndim == 0:
             t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
         timestep = t_to_timestep(t.float(), self.num_train_timesteps)
-        mod = self.role_module(role)
         dtype = self.compute_dtype
         with self._role(role) as net:
-            out = (mod or net)(
+            out = net(
                 hidden_states=x.to(dtype),
                 timestep=timestep,
                 encoder_hidden_states=cond["prompt_embeds"].to(dtype),
