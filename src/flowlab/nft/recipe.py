@@ -127,12 +127,11 @@ class ConditionDataset(torch.utils.data.Dataset):
 @dataclass
 class Rollout:
     """A local rollout batch: ``x`` clean samples ``(N, ...)``; ``cond`` model conditioning; ``conditions``
-    the raw conditions; ``groups`` group ids ``(N,)``; ``extra`` method-specific tensors (e.g. SDE states)."""
+    the raw conditions; ``extra`` method-specific tensors (e.g. SDE states)."""
 
     x: Tensor
     cond: Any
     conditions: list
-    groups: Tensor
     extra: dict
 
 
@@ -148,7 +147,6 @@ class RLRecipe(Recipe):
     """Shared machinery of the RL recipes (rollouts, rewards, advantages, evaluation, saving)."""
 
     artifact_name = "pipeline"
-    rollout_role = "old"
 
     def __init__(self, config: Config):
         super().__init__(config)
@@ -264,12 +262,19 @@ class RLRecipe(Recipe):
             scores.append(self._async.submit(images, prompts, meta) if self._async else self.reward(images, prompts, meta))
         return torch.cat([s.result() if hasattr(s, "result") else s for s in scores]).float()
 
-    def _local_conditions(self, batch: dict) -> tuple[list, Tensor]:
-        """Conditions of this process's rows, repeated ``G`` times, and the global group ids."""
+    def _rollout_inputs(self, policy: Policy, batch: dict, ctx: StepContext, steps: int) -> tuple[list, Any, Tensor, Tensor]:
+        """This process's conditions (each repeated ``G`` times), their model conditioning, the initial
+        noise (drawn for the global batch, then sliced) and the sampler's time grid of ``steps`` steps."""
         G = self.rl.group_size
-        idx = batch["index"].tolist()
-        conds = [self.conditions[i] for i in idx for _ in range(G)]
-        return conds, idx
+        conds = [self.conditions[i] for i in batch["index"].tolist() for _ in range(G)]
+        shape = policy.sample_shape
+        noise = ctx.draw(lambda n, g: torch.randn((n, G, *shape), generator=g)).reshape(-1, *shape)
+        grid = time_grid(steps, shift=self.rl.shift, device=ctx.device)
+        return conds, policy.encode(conds), noise, grid
+
+    def _chunk_size(self, n: int) -> int:
+        """Rows per rollout chunk (``rl.rollout_chunks`` chunks), for sampling and for scoring."""
+        return max(1, math.ceil(n / self.rl.rollout_chunks))
 
     def rollout(self, policy: Policy, batch: dict, ctx: StepContext) -> Rollout:
         """Sample the local rows' ``G`` samples each (noise drawn for the global batch, then sliced)."""
@@ -318,8 +323,7 @@ class RLRecipe(Recipe):
             yield part
 
     def _chunks(self, ro: Rollout) -> list[tuple[Tensor, list]]:
-        n = ro.x.shape[0]
-        k = max(1, math.ceil(n / self.rl.rollout_chunks))
+        n, k = ro.x.shape[0], self._chunk_size(ro.x.shape[0])
         return [(ro.x[i : i + k], ro.conditions[i : i + k]) for i in range(0, n, k)]
 
     def method_losses(self, model, policy, ro: Rollout, adv: Tensor, valid: Tensor, ctx: StepContext) -> Iterator[StepOutput]:
@@ -408,20 +412,14 @@ class NFTRecipe(RLRecipe):
         return self.config.nft.kl_coef > 0
 
     def rollout(self, policy, batch, ctx) -> Rollout:
-        rl, G = self.rl, self.rl.group_size
-        conds, _ = self._local_conditions(batch)
-        shape = policy.sample_shape
-        noise = ctx.draw(lambda n, g: torch.randn((n, G, *shape), generator=g)).reshape(-1, *shape)
-        cond = policy.encode(conds)
-        grid = time_grid(rl.num_inference_steps, shift=rl.shift, device=ctx.device)
-        solver = get_solver(rl.solver, path=policy.path)
+        conds, cond, noise, grid = self._rollout_inputs(policy, batch, ctx, self.rl.num_inference_steps)
+        solver = get_solver(self.rl.solver, path=policy.path)
         xs = []
-        k = max(1, math.ceil(noise.shape[0] / rl.rollout_chunks))
+        k = self._chunk_size(noise.shape[0])
         for i in range(0, noise.shape[0], k):
             c = _slice_cond(cond, i, i + k)
             xs.append(solver.solve(self._field(policy, c, self.rollout_role), noise[i : i + k], grid).x)
-        groups = torch.arange(ctx.start, ctx.end).repeat_interleave(G)
-        return Rollout(x=torch.cat(xs), cond=cond, conditions=conds, groups=groups, extra={"grid": grid})
+        return Rollout(x=torch.cat(xs), cond=cond, conditions=conds, extra={"grid": grid})
 
     def _train_times(self, ro: Rollout, ctx: StepContext) -> Tensor:
         """Training times ``(N, K)``: a random subset of the sampler's grid per sample, or sampled times."""
@@ -437,14 +435,13 @@ class NFTRecipe(RLRecipe):
 
     def method_losses(self, model, policy, ro, adv, valid, ctx):
         nft, rl, G = self.config.nft, self.rl, self.rl.group_size
-        r = optimality_probability(adv, rl.adv_clip if rl.adv_clip > 0 else 5.0)
+        r = optimality_probability(adv, rl.adv_clip or 5.0)
         times = self._train_times(ro, ctx)  # (N, K)
         N, K = times.shape
         shape = policy.sample_shape
         eps_all = ctx.draw(lambda n, g: torch.randn((n, G, K, *shape), generator=g)).reshape(N, K, *shape)
         chunk = nft.timestep_chunk or K
         keep = valid.float()
-        denom = keep.sum().clamp_min(1.0)
         path = policy.path
         beta = nft.guidance_beta
         for j in range(0, K, chunk):
@@ -465,11 +462,10 @@ class NFTRecipe(RLRecipe):
                     u_ref = policy.velocity(ps.x_t, t, cond, "ref")
                 kl = ((u_theta - u_ref) ** 2).flatten(1).mean(1)
                 per = per + nft.kl_coef * kl
-                logs["kl"] = float((kl.detach().view(N, kk).mean(1) * keep).sum() / denom)
-            w = keep.repeat_interleave(kk) / (denom * kk)
-            loss = (per * w).sum() * kk / K  # parts add up to the mean over samples and timesteps
+                logs["kl"] = float(_valid_mean(kl.detach(), keep))
+            loss = _valid_mean(per, keep) * kk / K  # parts add up to the mean over samples and timesteps
             if j == 0:
-                logs["optimality_mean"] = float((r * keep).sum() / denom)
+                logs["optimality_mean"] = float(_valid_mean(r, keep))
             yield StepOutput(loss=loss, logs=logs)
 
     def old_decay(self, step: int) -> float:
@@ -500,17 +496,12 @@ class FlowGRPORecipe(RLRecipe):
         return self.config.grpo.kl_coef > 0
 
     def rollout(self, policy, batch, ctx) -> Rollout:
-        rl, G = self.rl, self.rl.group_size
-        conds, _ = self._local_conditions(batch)
-        shape = policy.sample_shape
-        K = rl.num_inference_steps
-        noise = ctx.draw(lambda n, g: torch.randn((n, G, *shape), generator=g)).reshape(-1, *shape)
+        G, K, shape = self.rl.group_size, self.rl.num_inference_steps, policy.sample_shape
+        conds, cond, noise, grid = self._rollout_inputs(policy, batch, ctx, K)
         step_noise = ctx.draw(lambda n, g: torch.randn((n, G, K, *shape), generator=g)).reshape(-1, K, *shape).transpose(0, 1)
-        cond = policy.encode(conds)
-        grid = time_grid(K, shift=rl.shift, device=ctx.device)
-        traj = sample_flow_sde(self._field(policy, cond, "current"), noise, grid, self.config.grpo.noise_level, noises=step_noise.to(noise.dtype))
-        groups = torch.arange(ctx.start, ctx.end).repeat_interleave(G)
-        return Rollout(x=traj.x, cond=cond, conditions=conds, groups=groups, extra={"traj": traj})
+        field = self._field(policy, cond, self.rollout_role)
+        traj = sample_flow_sde(field, noise, grid, self.config.grpo.noise_level, noises=step_noise.to(noise.dtype))
+        return Rollout(x=traj.x, cond=cond, conditions=conds, extra={"traj": traj})
 
     def method_losses(self, model, policy, ro, adv, valid, ctx):
         g, G = self.config.grpo, self.rl.group_size
@@ -521,7 +512,6 @@ class FlowGRPORecipe(RLRecipe):
         perm = ctx.draw(lambda n, gen: torch.argsort(torch.rand((n, G, K), generator=gen), dim=-1)).reshape(N, K)[:, :n_train].cpu()
         chunk = g.timestep_chunk or n_train
         keep = valid.float()
-        denom = keep.sum().clamp_min(1.0)
         t_cap = float(traj.times[1])
         rows = torch.arange(N)
         times = traj.times.to(ro.x.dtype).cpu()
@@ -545,12 +535,18 @@ class FlowGRPORecipe(RLRecipe):
                 std = step.std.reshape(-1, *([1] * (x_k.ndim - 1))).float().clamp_min(1e-8)
                 kl = (((step.mean.float() - mean_ref.float()) ** 2) / (2 * std**2)).flatten(1).mean(1)
                 per = per + g.kl_coef * kl
-                logs["kl"] = float((kl.detach().view(N, kk).mean(1) * keep).sum() / denom)
-            w = keep.repeat_interleave(kk) / (denom * kk)
-            loss = (per * w).sum() * kk / n_train
+                logs["kl"] = float(_valid_mean(kl.detach(), keep))
+            loss = _valid_mean(per, keep) * kk / n_train
             if j == 0:
                 logs["clip_fraction"] = float(((ratio - 1).abs() > g.clip_range).float().mean())
             yield StepOutput(loss=loss, logs=logs)
+
+
+def _valid_mean(values: Tensor, keep: Tensor) -> Tensor:
+    """Mean over the samples with ``keep = 1`` of per-(sample, timestep) ``values`` ``(N * k,)`` (each
+    sample's ``k`` timesteps consecutive): unscored samples (NaN rewards) count for nothing."""
+    per_sample = values.view(keep.shape[0], -1).mean(1)
+    return (per_sample * keep.to(per_sample.dtype)).sum() / keep.sum().clamp_min(1.0)
 
 
 def _repeat_cond(cond, k: int):
