@@ -128,7 +128,6 @@ class ReversalData:
         entity_tokens: token ids of each entity's name, ``entity_tokens[e]`` (all names have the same length).
         entity_group: ``"A"`` or ``"B"`` per entity.
         relation_names: ``2R`` names; ``relation_names[R + i]`` is the inverse of ``relation_names[i]``.
-        relation_tokens: the token id of each relation.
         splits: ``train``, ``seen``, ``forward``, ``reverse`` lists of :class:`Fact`.
     """
 
@@ -137,8 +136,13 @@ class ReversalData:
     entity_tokens: list[list[int]]
     entity_group: list[str]
     relation_names: list[str]
-    relation_tokens: list[int]
     splits: dict[str, list[Fact]] = field(default_factory=dict)
+
+    @property
+    def relation_tokens(self) -> list[int]:
+        """The token id of each relation (every relation name is one vocabulary token)."""
+        index = {t: i for i, t in enumerate(self.vocab)}
+        return [index[r] for r in self.relation_names]
 
     @property
     def num_entities(self) -> int:
@@ -231,7 +235,6 @@ def generate_reversal_data(spec: ReversalSpec) -> ReversalData:
         entity_tokens=entity_tokens,
         entity_group=groups,
         relation_names=relation_names,
-        relation_tokens=[index[r] for r in relation_names],
         splits=splits,
     )
 
@@ -323,7 +326,6 @@ def read_reversal_data(directory: str | os.PathLike) -> ReversalData:
         entity_tokens=entity_tokens,
         entity_group=groups,
         relation_names=relation_names,
-        relation_tokens=[index[r] for r in relation_names],
         splits=splits,
     )
 
