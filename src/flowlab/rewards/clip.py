@@ -62,13 +62,6 @@ class _CLIPReward(RewardFunction):
 
     needs_text = True
 
-    def _setup(self, model: str, processor: str | None, divisor: float, device: str, dtype: str, batch_size: int) -> None:
-        """Check ``divisor`` and load the model (the image-text similarity rewards)."""
-        if not divisor > 0:
-            raise OptionError("divisor", f"must be positive, got {divisor}")
-        self.divisor = divisor
-        self._load(model, processor, device, dtype, batch_size)
-
     def _load(self, model: str, processor: str | None, device: str, dtype: str, batch_size: int) -> None:
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
@@ -144,15 +137,26 @@ class _CLIPReward(RewardFunction):
         index = {p: j for j, p in enumerate(unique)}
         return f[torch.tensor([index[p] for p in prompts], device=f.device)]
 
-    def _similarity(self, images: Tensor, prompts: list[str] | None, divisor: float) -> Tensor:
+
+class _CLIPSimilarityReward(_CLIPReward):
+    """Image-text agreement: ``exp(logit_scale) · cos(image, prompt) / divisor``."""
+
+    def _setup(self, model: str, processor: str | None, divisor: float, device: str, dtype: str, batch_size: int) -> None:
+        """Check ``divisor`` and load the model."""
+        if not divisor > 0:
+            raise OptionError("divisor", f"must be positive, got {divisor}")
+        self.divisor = divisor
+        self._load(model, processor, device, dtype, batch_size)
+
+    def score(self, images: Tensor, prompts: list[str] | None, metadata) -> Tensor:
         if prompts is None:
             raise ValueError(f"reward {self.name!r} scores image-text agreement and needs prompts (got None)")
         cos = (self.image_embeddings(images) * self.text_embeddings(prompts)).sum(dim=-1)
-        return self.model.logit_scale.detach().float().exp() * cos / divisor
+        return self.model.logit_scale.detach().float().exp() * cos / self.divisor
 
 
 @register_reward("clip_score")
-class CLIPScoreReward(_CLIPReward):
+class CLIPScoreReward(_CLIPSimilarityReward):
     """``exp(logit_scale) · cos(image, prompt) / divisor`` with a CLIP model (see the module
     docstring; with the released CLIP models and the default divisor, the cosine itself).
 
@@ -178,12 +182,9 @@ class CLIPScoreReward(_CLIPReward):
         super().__init__()
         self._setup(model, processor, divisor, device, dtype, batch_size)
 
-    def score(self, images: Tensor, prompts: list[str] | None, metadata) -> Tensor:
-        return self._similarity(images, prompts, self.divisor)
-
 
 @register_reward("pickscore")
-class PickScoreReward(_CLIPReward):
+class PickScoreReward(_CLIPSimilarityReward):
     """PickScore: ``exp(logit_scale) · cos(image, prompt) / 26`` (the public code's scaling).
 
     Args:
@@ -211,9 +212,6 @@ class PickScoreReward(_CLIPReward):
         if processor is None and model == PICKSCORE_MODEL:
             processor = PICKSCORE_PROCESSOR
         self._setup(model, processor, divisor, device, dtype, batch_size)
-
-    def score(self, images: Tensor, prompts: list[str] | None, metadata) -> Tensor:
-        return self._similarity(images, prompts, self.divisor)
 
 
 # --------------------------------------------------------------------------- aesthetic
