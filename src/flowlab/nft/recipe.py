@@ -155,6 +155,7 @@ class RLRecipe(Recipe):
         self.reward = None
         self._async = None
         self.policy: Policy | None = None
+        self._evaluator = None  # the digits quality guards' classifier, on first evaluation
 
     def prepare(self) -> None:
         self._maybe_train_base()
@@ -334,14 +335,15 @@ class RLRecipe(Recipe):
     def _eval_samples(self, policy: Policy, n: int, generator: torch.Generator) -> tuple[Tensor, list]:
         rl = self.rl
         conds = [self.conditions[i % len(self.conditions)] for i in range(n)]
+        device = next(policy.parameters()).device
+        grid = time_grid(rl.eval_steps, shift=rl.shift, device=device)
+        solver = get_solver(rl.eval_solver, path=policy.path)
         out = []
         for i in range(0, n, 256):
             c = conds[i : i + 256]
             noise = torch.randn((len(c), *policy.sample_shape), generator=generator)
-            device = next(policy.parameters()).device
             field = self._field(policy, policy.encode(c), "current")
-            grid = time_grid(rl.eval_steps, shift=rl.shift, device=device)
-            out.append(get_solver(rl.eval_solver, path=policy.path).solve(field, noise.to(device), grid).x)
+            out.append(solver.solve(field, noise.to(device), grid).x)
         return torch.cat(out), conds
 
     def sample_images(self, model, num_images, generator):
@@ -356,9 +358,12 @@ class RLRecipe(Recipe):
         out = {"reward": float(finite.mean()) if finite.numel() else float("nan")}
         target = self._digits_target()
         if target is not None:
+            from ..metrics.digits import DigitsEvaluator
             from .quality import digits_quality
 
-            out.update(digits_quality(images, target))
+            if self._evaluator is None:  # loaded once: it embeds the whole train split
+                self._evaluator = DigitsEvaluator.load()
+            out.update(digits_quality(images, target, self._evaluator))
         return out
 
     def _digits_target(self) -> int | None:
