@@ -293,10 +293,11 @@ class Trainer:
         self.stream = _IndexStream(len(self.dataset), cfg.seed)
         self.in_memory = hasattr(self.dataset, "get_batch")
 
-    def _ema_params(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
-        """The parameters of ``model`` (wrapped or not, or a copy) that the EMA follows."""
+    def _ema_params(self, model: torch.nn.Module, tracked: bool = True) -> list[torch.nn.Parameter]:
+        """The parameters of ``model`` (wrapped or not, or a copy) that the EMA follows (``tracked=False``:
+        the others)."""
         params = list(self.accelerator.unwrap_model(model).parameters())
-        return [p for p, keep in zip(params, self._ema_mask) if keep]
+        return [p for p, keep in zip(params, self._ema_mask) if keep == tracked]
 
     def _sync_owned(self) -> None:
         """Parameter-owning recipes (``data_parallel = False``): broadcast each parameter, its EMA and each
@@ -321,9 +322,8 @@ class Trainer:
             self._ema_copy = copy.deepcopy(self.accelerator.unwrap_model(self.model))
             self._ema_copy.requires_grad_(False)
         self.ema.copy_to(self._ema_params(self._ema_copy))
-        frozen = [p for p, keep in zip(self._ema_copy.parameters(), self._ema_mask) if not keep]
-        live = [p for p, keep in zip(self.accelerator.unwrap_model(self.model).parameters(), self._ema_mask) if not keep]
-        for dst, src in zip(frozen, live):  # parameters outside the EMA (e.g. an old-policy copy) follow the model
+        # parameters outside the EMA (e.g. an old-policy copy) follow the model
+        for dst, src in zip(self._ema_params(self._ema_copy, False), self._ema_params(self.model, False)):
             dst.data.copy_(src.data)
         self._ema_copy.eval()
         return self._ema_copy
@@ -618,9 +618,7 @@ class Trainer:
             if sample_now or eval_now:
                 self._sample_and_eval(step, sample_now, eval_now)
             if done or (t.checkpoint_every > 0 and step % t.checkpoint_every == 0):
-                self._log_window = torch.stack([window_loss.double(), torch.tensor(float(window_n), dtype=torch.float64, device=acc.device),
-                                                torch.tensor(float(window_skipped), dtype=torch.float64, device=acc.device),
-                                                torch.as_tensor(grad_norm, device=acc.device).double()])
+                self._log_window = torch.tensor([float(window_loss), window_n, window_skipped, float(grad_norm)], dtype=torch.float64)
                 self.save_checkpoint(step)
             if sample_now or eval_now or done:
                 window_start = time.perf_counter()  # keep throughput a measure of training alone
