@@ -51,6 +51,8 @@ from typing import Any, Iterator, Optional
 
 import yaml
 
+from .errors import HubError
+
 __all__ = [
     "HubError",
     "PushFile",
@@ -103,9 +105,6 @@ _BEARER = re.compile(r"(bearer\s+)([A-Za-z0-9_\-.~+/=:]{6,})", re.I)
 REDACTED = "<redacted>"
 
 
-class HubError(RuntimeError):
-    """Publishing to the Hub failed. The message is one paragraph naming the repo and the cause,
-    with the token scrubbed; the local run folder is unchanged."""
 
 
 @dataclass

@@ -12,15 +12,7 @@ from torch.utils.data import Dataset
 __all__ = ["InMemoryDataset", "DataError"]
 
 
-class DataError(ValueError):
-    """Bad or missing data: the message names the file, column or split at fault."""
-
-    def __init__(self, *args):
-        # A DataLoader worker re-raises as DataError("Caught DataError in DataLoader worker process N.
-        # Original Traceback ...: <message>"): keep the one-paragraph message, drop the traceback.
-        if len(args) == 1 and isinstance(args[0], str) and args[0].startswith("Caught DataError") and "DataError: " in args[0]:
-            args = (args[0].rsplit("DataError: ", 1)[1].strip(),)
-        super().__init__(*args)
+from ..errors import DataError
 
 
 class InMemoryDataset(Dataset):

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..flow.conventions import diffusers_to_velocity, t_to_timestep
 from ..flow.paths import AffinePath, LinearPath
-from ..train.config import ConfigError
+from ..errors import ConfigError
 from .policy import LoraSpec, Policy, add_policy_adapters
 
 __all__ = ["SD3Policy"]

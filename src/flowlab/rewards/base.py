@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowlab.train.config import ConfigError
+from flowlab.errors import ConfigError, OptionError, RewardError
 
 __all__ = [
     "RewardFunction",
@@ -52,19 +52,6 @@ __all__ = [
 ]
 
 
-class RewardError(RuntimeError):
-    """A reward failed for the whole batch (server down, user function raised, wrong number
-    of scores). Per-sample failures are NaN scores, never this exception."""
-
-
-class OptionError(ConfigError):
-    """An invalid reward option. ``field`` is the option's name; :func:`build_reward`
-    re-raises it as a :class:`ConfigError` prefixed with the spec's dotted key."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        self.message = message
-        super().__init__(f"{field}: {message}")
 
 
 # --------------------------------------------------------------------------- protocol

@@ -158,7 +158,7 @@ def _parse_options(items: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (see the module docstring)."""
     from flowlab.rewards import REWARDS
-    from flowlab.train.config import ConfigError
+    from flowlab.errors import ConfigError
 
     parser = argparse.ArgumentParser(prog="python -m flowlab.rewards.server", description="Serve a flowlab reward over HTTP.")
     group = parser.add_mutually_exclusive_group(required=True)

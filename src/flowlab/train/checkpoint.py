@@ -18,6 +18,8 @@ import re
 import shutil
 from pathlib import Path
 
+from ..errors import CheckpointError
+
 __all__ = [
     "CheckpointError",
     "CHECKPOINT_PREFIX",
@@ -41,8 +43,6 @@ _STALE = re.compile(r"^\.(tmp|old)-checkpoint-\d+$")
 PICKLE_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or corrupted; the message names it."""
 
 
 def _sha256(path: Path) -> str:

@@ -37,8 +37,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """An invalid configuration; the message names the dotted key at fault."""
+from ..errors import ConfigError
 
 
 def _choices(*values, **kw):

@@ -31,6 +31,7 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..errors import TrainingError
 from .checkpoint import (
     CHECKPOINT_PREFIX,
     CheckpointError,
@@ -51,8 +52,6 @@ __all__ = ["Trainer", "TrainingError"]
 logger = logging.getLogger("flowlab")
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. too many non-finite losses in a row)."""
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
