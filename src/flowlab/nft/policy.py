@@ -233,8 +233,7 @@ class FlowPolicy(Policy):
 
     def _velocity(self, x, t, cond, role):
         with self._role(role) as net:
-            out = net(x, t.to(x.dtype), cond)
-        return self.scheduler.to_velocity(out, x, t)
+            return self.scheduler.model_velocity(net, x, t, cond)  # the pipeline's reading of the model
 
     def field(self, cond, role="current", guidance_scale=1.0):
         if guidance_scale == 1.0:

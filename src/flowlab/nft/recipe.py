@@ -7,7 +7,8 @@ Both recipes run in the shared :class:`~flowlab.train.trainer.Trainer`. Every op
 2. **rolls out** the policy from noise drawn for the global batch (so any number of processes draws
    the same samples): DiffusionNFT with the *old* policy and any flowlab ODE solver
    (``rl.solver``, DPM-Solver++(2M) ``multistep`` by default); FlowGRPO with the current policy and the
-   marginal-preserving SDE of :mod:`flowlab.flow.sde`, keeping every step's log-probability;
+   marginal-preserving SDE of :mod:`flowlab.flow.sde` (``MarginalSDE.flowgrpo``), keeping every step's
+   log-probability; both through :func:`flowlab.flow.sampling.sample`;
 3. scores the clean samples with the configured rewards (``rl.rewards``, see :mod:`flowlab.rewards`),
    gathers them from every process and computes group advantages with a global std
    (:mod:`flowlab.nft.advantages`); unscored (NaN) samples are dropped and counted;
@@ -30,8 +31,10 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from ..flow.sde import flow_sde_step, sample_flow_sde
-from ..flow.solvers import get_solver, time_grid
+from ..flow.conventions import PREDICTION_T_EPS
+from ..flow.sampling import sample
+from ..flow.sde import MarginalSDE
+from ..flow.solvers import time_grid
 from ..flow.time_samplers import build_time_sampler
 from ..train.config import Config, ConfigError, register_config_section
 from ..train.recipe import Recipe, StepContext, StepOutput, register_recipe
@@ -337,13 +340,12 @@ class RLRecipe(Recipe):
         conds = [self.conditions[i % len(self.conditions)] for i in range(n)]
         device = next(policy.parameters()).device
         grid = time_grid(rl.eval_steps, shift=rl.shift, device=device)
-        solver = get_solver(rl.eval_solver, path=policy.path)
         out = []
         for i in range(0, n, 256):
             c = conds[i : i + 256]
             noise = torch.randn((len(c), *policy.sample_shape), generator=generator)
             field = self._field(policy, policy.encode(c), "current")
-            out.append(solver.solve(field, noise.to(device), grid).x)
+            out.append(sample(field, noise.to(device), solver=rl.eval_solver, times=grid, path=policy.path).x)
         return torch.cat(out), conds
 
     def sample_images(self, model, num_images, generator):
@@ -418,12 +420,12 @@ class NFTRecipe(RLRecipe):
 
     def rollout(self, policy, batch, ctx) -> Rollout:
         conds, cond, noise, grid = self._rollout_inputs(policy, batch, ctx, self.rl.num_inference_steps)
-        solver = get_solver(self.rl.solver, path=policy.path)
         xs = []
         k = self._chunk_size(noise.shape[0])
         for i in range(0, noise.shape[0], k):
             c = _slice_cond(cond, i, i + k)
-            xs.append(solver.solve(self._field(policy, c, self.rollout_role), noise[i : i + k], grid).x)
+            field = self._field(policy, c, self.rollout_role)
+            xs.append(sample(field, noise[i : i + k], solver=self.rl.solver, times=grid, path=policy.path).x)
         return Rollout(x=torch.cat(xs), cond=cond, conditions=conds, extra={"grid": grid})
 
     def _train_times(self, ro: Rollout, ctx: StepContext) -> Tensor:
@@ -451,7 +453,7 @@ class NFTRecipe(RLRecipe):
         beta = nft.guidance_beta
         for j in range(0, K, chunk):
             kk = min(chunk, K - j)
-            t = times[:, j : j + kk].reshape(-1).clamp(0.0, 1.0 - 1e-4)
+            t = times[:, j : j + kk].reshape(-1).clamp(0.0, 1.0 - PREDICTION_T_EPS)
             x = ro.x.repeat_interleave(kk, dim=0)
             eps = eps_all[:, j : j + kk].reshape(-1, *shape).to(x.dtype)
             cond = _repeat_cond(ro.cond, kk)
@@ -505,8 +507,12 @@ class FlowGRPORecipe(RLRecipe):
         conds, cond, noise, grid = self._rollout_inputs(policy, batch, ctx, K)
         step_noise = ctx.draw(lambda n, g: torch.randn((n, G, K, *shape), generator=g)).reshape(-1, K, *shape).transpose(0, 1)
         field = self._field(policy, cond, self.rollout_role)
-        traj = sample_flow_sde(field, noise, grid, self.config.grpo.noise_level, noises=step_noise.to(noise.dtype))
+        traj = sample(field, noise, times=grid, sde=self._sde(policy), noises=step_noise.to(noise.dtype), return_trajectory=True)
         return Rollout(x=traj.x, cond=cond, conditions=conds, extra={"traj": traj})
+
+    def _sde(self, policy: Policy) -> MarginalSDE:
+        """FlowGRPO's SDE (``grpo.noise_level``) on the policy's path."""
+        return MarginalSDE.flowgrpo(self.config.grpo.noise_level, policy.path)
 
     def method_losses(self, model, policy, ro, adv, valid, ctx):
         g, G = self.config.grpo, self.rl.group_size
@@ -518,25 +524,27 @@ class FlowGRPORecipe(RLRecipe):
         chunk = g.timestep_chunk or n_train
         keep = valid.float()
         t_cap = float(traj.times[1])
+        sde = self._sde(policy)
+        states = traj.states
         rows = torch.arange(N)
         times = traj.times.to(ro.x.dtype).cpu()
         for j in range(0, n_train, chunk):
             kk = min(chunk, n_train - j)
             k_idx = perm[:, j : j + kk].reshape(-1)  # (N * kk,)
             r_idx = rows.repeat_interleave(kk)
-            x_k = traj.states[k_idx, r_idx]
-            x_next = traj.states[k_idx + 1, r_idx]
+            x_k = states[k_idx, r_idx]
+            x_next = states[k_idx + 1, r_idx]
             lp_old = traj.log_probs[k_idx, r_idx]
             t, t_next = times[k_idx].to(ctx.device), times[k_idx + 1].to(ctx.device)
             cond = _repeat_cond(ro.cond, kk)
             u = model(x_k, t, cond, self.rl.guidance_scale)  # the rollouts' field: CFG included
-            step = flow_sde_step(x_k, u, t, t_next, g.noise_level, t_cap, x_next=x_next)
+            step = sde.step(x_k, u, t, t_next, t_cap, x_next=x_next)
             per, ratio = grpo_loss(step.log_prob, lp_old, adv.repeat_interleave(kk), g.clip_range)
             logs = {}
             if g.kl_coef > 0:
                 with torch.no_grad():
                     u_ref = self._field(policy, cond, "ref")(x_k, t)
-                    mean_ref = flow_sde_step(x_k, u_ref, t, t_next, g.noise_level, t_cap, x_next=x_next).mean
+                    mean_ref = sde.step(x_k, u_ref, t, t_next, t_cap, x_next=x_next).mean
                 std = step.std.reshape(-1, *([1] * (x_k.ndim - 1))).float().clamp_min(1e-8)
                 kl = (((step.mean.float() - mean_ref.float()) ** 2) / (2 * std**2)).flatten(1).mean(1)
                 per = per + g.kl_coef * kl
