@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..errors import TrainingError
+from ..fileio import atomic_write_text
 from .checkpoint import (
     CHECKPOINT_PREFIX,
     CheckpointError,
@@ -461,9 +462,7 @@ class Trainer:
                     keep.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut by the kill
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
 
     # ------------------------------------------------------------------ logging
     def _write_metrics(self, record: dict) -> None:
