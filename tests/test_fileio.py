@@ -100,6 +100,7 @@ def test_replace_dir_atomic(tmp_path):
 def test_one_list_of_pickle_suffixes():
     """The union of the lists the checkpoint loader and the Hub push used to keep separately."""
     assert set(PICKLE_SUFFIXES) == {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
+    from flowlab.hub import push as hub_push
     from flowlab.train import checkpoint
 
-    assert checkpoint.PICKLE_SUFFIXES is PICKLE_SUFFIXES
+    assert checkpoint.PICKLE_SUFFIXES is PICKLE_SUFFIXES and hub_push.PICKLE_SUFFIXES is PICKLE_SUFFIXES

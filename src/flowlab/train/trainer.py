@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..errors import TrainingError
 from ..fileio import atomic_write_text
+from ..hub.card_data import REPO_ID, write_card_data
 from .checkpoint import (
     CHECKPOINT_PREFIX,
     CheckpointError,
@@ -643,6 +644,7 @@ class Trainer:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise CheckpointError(write_error_message(e, final_dir)) from None
             if saved:
+                write_card_data(self.output_dir, self.recipe.card_data(REPO_ID), recipe=self.recipe.name, artifact=self.recipe.artifact_name)
                 acc.print(f"flowlab: saved {final_dir}")
         acc.wait_for_everyone()
         return self._last_eval()
