@@ -113,8 +113,8 @@ class CardData:
 
     def for_repo(self, repo_id: str) -> "CardData":
         """A copy with :data:`REPO_ID` in ``usage`` and ``description`` replaced by ``repo_id``."""
-        sub = lambda s: s.replace(REPO_ID, repo_id) if s else s  # noqa: E731
-        return CardData(**{**asdict(self), "usage": sub(self.usage), "description": sub(self.description)})
+        usage, description = (text.replace(REPO_ID, repo_id) if text else text for text in (self.usage, self.description))
+        return CardData(**{**asdict(self), "usage": usage, "description": description})
 
 
 def write_card_data(output_dir: str | os.PathLike, card_data: Mapping[str, Any], *, recipe: str, artifact: str) -> Path:
