@@ -692,12 +692,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["all_finite"] = _finite({k: result[k] for k in ("trainer_overhead", "fd", "floor") if k in result})
     print(f"bench_core: total {result['runtime_seconds']:.1f} s")
     if args.json:
+        from flowlab.fileio import atomic_write_json
+
         path = Path(args.json)
-        if path.parent != Path(""):
-            path.parent.mkdir(parents=True, exist_ok=True)
-        tmpf = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmpf.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        os.replace(tmpf, path)
+        atomic_write_json(path, result, indent=2, default=str)
         print(f"wrote {path}")
     return result
 

@@ -13,8 +13,6 @@ compare FDs only at equal ``--num-samples`` (use 360 to compare with the floor d
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ except ImportError:  # not installed: use the repository's src/
 import torch
 
 from flowlab.data.digits import load_digits_arrays, to_unit_range
+from flowlab.fileio import atomic_write_json
 from flowlab.metrics.digits import CLASSIFIER_VERSION, DigitsEvaluator
 
 
@@ -151,11 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(format_table(res))
     if args.json:
         path = Path(args.json)
-        if path.parent != Path(""):
-            path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(res, indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write_json(path, res, indent=2)
         if not args.quiet:
             print(f"wrote {path}")
     return res

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_overrides
+from flowlab.fileio import PICKLE_SUFFIXES
 
 SOURCES = [os.path.join(ROOT, "train.py")] + [
     os.path.join(d, f)
@@ -156,7 +157,7 @@ def _assert_artefact_is_pickle_free(directory):
     for f in files:
         kind = _kind(f)
         assert kind not in ("pickle", "torch-zip"), f"{f} is a pickle"
-        assert not f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")), f
+        assert not f.endswith(PICKLE_SUFFIXES), f
         if f.endswith(".safetensors"):
             assert kind == "safetensors", f
         if kind == "safetensors":

@@ -35,6 +35,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..fileio import atomic_open, atomic_write_json
+
 from .base import DataError
 
 __all__ = [
@@ -244,12 +246,9 @@ def generate_reversal_data(spec: ReversalSpec) -> ReversalData:
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
     """Write ``records`` one JSON object per line (atomically: a temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_open(path, "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -273,9 +272,7 @@ def write_reversal_data(data: ReversalData, directory: str | os.PathLike) -> Pat
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     meta = {"spec": asdict(data.spec), "vocab": data.vocab, "relation_names": data.relation_names}
-    tmp = d / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, d / "meta.json")
+    atomic_write_json(d / "meta.json", meta, indent=1)
     write_jsonl(d / "entities.jsonl", (
         {"id": e, "group": data.entity_group[e], "name": data.entity_name(e)} for e in range(data.num_entities)
     ))

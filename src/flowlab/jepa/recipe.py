@@ -159,14 +159,16 @@ class _ReversalRecipe(Recipe):
         self._unwrap(model).save_pretrained(directory)
         write_reversal_data(self.data, Path(directory) / "data")
 
-    #: the model class ``card_data`` names in its usage snippet
+    #: the model class ``card_data`` names in its usage snippet, and the card's Hub task
     model_class = "JEPAConceptModel"
+    pipeline_tag = "question-answering"
 
     def card_data(self, repo_id: str) -> dict:
         """Model-card fields for ``flowlab push``: the flowlab class to load with (importing
         ``flowlab.jepa`` also registers the models with transformers' Auto classes)."""
         return {
-            "tags": ["reversal-curse", self.name.replace("_", "-")],
+            "tags": ["reversal-curse", "transformers"],
+            "pipeline_tag": self.pipeline_tag,
             "usage": (
                 f"from flowlab.jepa import {self.model_class}\n"
                 f'model = {self.model_class}.from_pretrained("{repo_id}")\n'
@@ -180,6 +182,7 @@ class ReversalARRecipe(_ReversalRecipe):
     """GPT-2 baseline (``recipe: reversal_ar``): next-token loss on the tail's tokens."""
 
     model_class = "ReversalGPT2"
+    pipeline_tag = "text-generation"
 
     def build_model(self, dataset) -> ReversalGPT2:
         r, data = self.config.reversal, dataset.data

@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import time
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from flowlab.data.digits import load_digits_arrays
+from flowlab.fileio import atomic_path
 
 __all__ = [
     "DigitsClassifier",
@@ -192,25 +192,6 @@ def classifier_path(cache_dir: str | os.PathLike | None = None) -> Path:
     return root / "metrics" / f"digits_classifier-{CLASSIFIER_RECIPE['version']}-{CLASSIFIER_VERSION}.safetensors"
 
 
-def _atomic_save(model: DigitsClassifier, path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # unique name in the same directory (same filesystem, so os.replace is atomic); a
-    # concurrent writer of the same file just replaces it with identical content
-    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def load_classifier(cache_dir: str | os.PathLike | None = None, verbose: bool = False) -> tuple[DigitsClassifier, dict[str, Any]]:
     """Load the cached classifier, or train and cache it. The info dict holds ``path``,
     ``from_cache``, ``test_accuracy`` and ``train_seconds`` (of the run that trained it)."""
@@ -244,7 +225,10 @@ def load_classifier(cache_dir: str | os.PathLike | None = None, verbose: bool = 
         "train_seconds": repr(info["train_seconds"]),
         "torch": torch.__version__,
     }
-    _atomic_save(model, path, metadata)
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:  # a concurrent writer of the same file just replaces it with identical content
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp), metadata=metadata)
     # hand back a fresh model built from the saved weights, exactly as a later (cached) call would: the
     # freshly trained module can differ from it in the last bits of its outputs, and a run that trains the
     # classifier must score exactly like its resumed continuation that loads it

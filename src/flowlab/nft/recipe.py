@@ -36,6 +36,7 @@ from ..flow.sampling import sample
 from ..flow.sde import MarginalSDE
 from ..flow.solvers import time_grid
 from ..flow.time_samplers import build_time_sampler
+from ..hub.card_data import flow_pipeline_card_data, looks_like_repo_id
 from ..train.config import Config, ConfigError, register_config_section
 from ..train.recipe import Recipe, StepContext, StepOutput, register_recipe
 from .advantages import group_advantages, optimality_probability
@@ -379,22 +380,36 @@ class RLRecipe(Recipe):
         model.save(directory)
 
     def card_data(self, repo_id: str) -> dict:
-        """Model-card fields for ``flowlab push`` (see :mod:`flowlab.hub`)."""
+        """Model-card fields for ``flowlab push`` (see :meth:`Recipe.card_data`): a :class:`FlowPipeline`
+        for ``rl.pipeline: flowlab``; for ``sd3`` the LoRA (``load_lora_weights``) or the fine-tuned
+        transformer, loaded into the base pipeline."""
         rl = self.rl
         method = {"nft": "DiffusionNFT", "flowgrpo": "FlowGRPO"}.get(self.name, self.name)
         rewards = ", ".join(f"`{spec.get('name', '?')}`" for spec in rl.rewards)
-        data: dict = {
-            "tags": ["reinforcement-learning", method.lower()],
-            "description": f"Fine-tuned from `{rl.base}` with {method} (flowlab `recipe: {self.name}`) against the reward(s) {rewards}.",
-        }
-        if "/" in rl.base and not os.path.exists(rl.base) and rl.base.count("/") == 1:
-            data["base_model"] = rl.base
         if rl.pipeline == "flowlab":
-            label = "" if not rl.class_labels else f", class_labels={rl.class_labels[0]}"
-            data["usage"] = (
-                f'from flowlab import FlowPipeline\npipe = FlowPipeline.from_pretrained("{repo_id}")\n'
-                f'images = pipe(batch_size=16{label}, output_type="pil").images'
-            )
+            data = flow_pipeline_card_data(repo_id, class_labels=f"[{rl.class_labels[0]}] * 16" if rl.class_labels else None)
+        else:
+            base = rl.base if looks_like_repo_id(rl.base) else "<base model repo id>"
+            if rl.lora_rank > 0:
+                usage = (
+                    f'from diffusers import StableDiffusion3Pipeline\npipe = StableDiffusion3Pipeline.from_pretrained("{base}")\n'
+                    f'pipe.load_lora_weights("{repo_id}")'
+                )
+            else:
+                usage = (
+                    "from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline\n"
+                    f'transformer = SD3Transformer2DModel.from_pretrained("{repo_id}", subfolder="transformer")\n'
+                    f'pipe = StableDiffusion3Pipeline.from_pretrained("{base}", transformer=transformer)'
+                )
+            data = {
+                "usage": usage,
+                "tags": ["text-to-image", "stable-diffusion-3"] + (["lora"] if rl.lora_rank > 0 else []),
+                "pipeline_tag": "text-to-image",
+            }
+        data["tags"] = [*data["tags"], "reinforcement-learning", method.lower()]
+        data["description"] = f"Fine-tuned from `{rl.base}` with {method} (flowlab `recipe: {self.name}`) against the reward(s) {rewards}."
+        if looks_like_repo_id(rl.base):
+            data["base_model"] = rl.base
         return data
 
 

@@ -291,3 +291,14 @@ class NoPropRecipe(Recipe):
 
     def save_final(self, model, directory: str) -> None:
         self._unwrap(model).save_pretrained(directory)
+
+    def card_data(self, repo_id: str) -> dict:
+        """Model-card fields of the saved :class:`NoPropClassifier` (see :meth:`Recipe.card_data`)."""
+        return {
+            "usage": (
+                f'from flowlab.noprop import NoPropClassifier\nclf = NoPropClassifier.from_pretrained("{repo_id}")\n'
+                "labels = clf.predict(images)  # images (B, C, H, W) in [-1, 1]"
+            ),
+            "tags": [f"noprop-{self.variant}", "image-classification"],
+            "pipeline_tag": "image-classification",
+        }

@@ -6,6 +6,7 @@ from torch import nn
 
 from ..data import build_dataset
 from ..flow import FlowMatchingLoss, build_coupling, build_time_sampler, get_path
+from ..hub.card_data import flow_pipeline_card_data, looks_like_repo_id
 from ..models import MODEL_TYPES, set_attention_backend
 from ..pipelines import FlowPipeline, FlowScheduler
 from .config import Config, ConfigError
@@ -158,3 +159,15 @@ class FlowMatchingRecipe(Recipe):
 
     def save_final(self, model, directory: str) -> None:
         self.pipeline(model).save_pretrained(directory)
+
+    def card_data(self, repo_id: str) -> dict:
+        """Model-card fields of the saved :class:`FlowPipeline` (after :meth:`build_model`): a class-conditional
+        model is sampled with one label per class (at most 16) and tagged class-conditional."""
+        cfg = self.config
+        labels = f"list(range({min(self.num_classes, 16)}))" if self.num_classes > 0 else None
+        data = flow_pipeline_card_data(repo_id, class_labels=labels, images=self.kind == "image")
+        if looks_like_repo_id(cfg.model.pretrained):
+            data["base_model"] = cfg.model.pretrained
+        if cfg.data.name == "hf" and looks_like_repo_id(cfg.data.path):
+            data["datasets"] = [cfg.data.path]
+        return data

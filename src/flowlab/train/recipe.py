@@ -139,6 +139,15 @@ class Recipe(ABC):
     def save_final(self, model: nn.Module, directory: str) -> None:
         """Write the trained artefact (EMA weights) to ``directory``."""
 
+    def card_data(self, repo_id: str) -> dict:
+        """Model-card fields of the artefact :meth:`save_final` wrote, for the Hub: ``usage`` (Python code
+        that loads and uses it), ``tags``, ``pipeline_tag``, and optionally ``library_name``,
+        ``base_model``, ``datasets``, ``license``, ``description`` (see :class:`flowlab.hub.CardData`).
+        The trainer calls it after :meth:`save_final` with ``repo_id`` = :data:`flowlab.hub.REPO_ID`
+        (a placeholder the push replaces) and saves the result as ``<output_dir>/card.json``; the card
+        takes these fields from there only. Every built-in recipe overrides it; default: none."""
+        return {}
+
 
 RECIPES: dict[str, type[Recipe]] = {}
 

@@ -32,6 +32,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..errors import TrainingError
+from ..fileio import atomic_write_text
+from ..hub.card_data import REPO_ID, write_card_data
 from .checkpoint import (
     CHECKPOINT_PREFIX,
     CheckpointError,
@@ -461,9 +463,7 @@ class Trainer:
                     keep.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut by the kill
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
 
     # ------------------------------------------------------------------ logging
     def _write_metrics(self, record: dict) -> None:
@@ -644,6 +644,7 @@ class Trainer:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise CheckpointError(write_error_message(e, final_dir)) from None
             if saved:
+                write_card_data(self.output_dir, self.recipe.card_data(REPO_ID), recipe=self.recipe.name, artifact=self.recipe.artifact_name)
                 acc.print(f"flowlab: saved {final_dir}")
         acc.wait_for_everyone()
         return self._last_eval()
