@@ -81,10 +81,7 @@ class FakeGenEvalServer(LocalHTTPServer):
 
         class Handler(QuietHandler):
             def _send(self, code, body):
-                self.send_response(code)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.send_body(code, body, "application/octet-stream")
 
             def do_POST(self):
                 data = pickle.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -221,12 +218,7 @@ class FakeChatServer(LocalHTTPServer):
 
         class Handler(QuietHandler):
             def _send(self, code, obj):
-                body = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.send_body(code, json.dumps(obj).encode())
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
