@@ -88,6 +88,8 @@ class FakeGenEvalServer(LocalHTTPServer):
                 outer.requests.append({"data": data, "headers": dict(self.headers), "path": self.path})
                 if mode == "fail_once" and len(outer.requests) == 1:
                     return self._send(500, b"Traceback (most recent call last): ... CUDA out of memory")
+                if mode == "garbage":
+                    return self._send(200, b"<html>proxy error</html>")
                 if mode == "hostile":
                     return self._send(200, pickle.dumps({"scores": [_Exploit(f"touch {marker}")]}))
                 images = [Image.open(io.BytesIO(b), formats=["jpeg"]) for b in data["images"]]
@@ -176,6 +178,14 @@ def test_geneval_refuses_a_hostile_answer_without_running_it(tmp_path):
         with pytest.raises(RewardError, match=r"refused to unpickle"):
             _geneval(srv.url)(images, prompts, meta)
     assert not marker.exists() and len(srv.requests) == 1  # refused at once, not retried
+
+
+def test_geneval_malformed_answer_is_retried_then_named():
+    images, prompts, meta = _geneval_batch()
+    with FakeGenEvalServer("garbage") as srv:
+        with pytest.raises(RewardError, match=r"failed after 3 attempts.*not a valid pickle.*proxy error"):
+            _geneval(srv.url)(images, prompts, meta)
+    assert len(srv.requests) == 3
 
 
 def test_geneval_inconsistent_answer_is_an_error():

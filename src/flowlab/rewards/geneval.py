@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowlab.rewards.base import OptionError, RewardFunction, coerce_scores, register_reward
+from flowlab.rewards.base import OptionError, RewardError, RewardFunction, coerce_scores, register_reward
 from flowlab.rewards.imaging import to_pil
 from flowlab.rewards.remote import AttemptError, HTTPClient
 from flowlab.rewards import restricted_pickle
@@ -225,14 +225,17 @@ class GenEvalReward(RewardFunction):
                 raise AttemptError(f"{key!r} has {got} entries for {n} images")
             try:
                 out[key] = coerce_scores([float(v) if isinstance(v, np.generic) else v for v in values], n, f"geneval server {self.url} ({key})")
-            except Exception as e:
-                raise AttemptError(f"{key!r} are not numbers ({e})") from None
+            except RewardError as e:
+                raise AttemptError(f"{key!r} are not numbers ({e.__cause__ or e})") from None
         for group, per_image in (("group_strict_rewards", "strict_rewards"), ("group_rewards", "rewards")):
             groups = data.get(group, {})
             if not isinstance(groups, dict):
                 raise AttemptError(f"{group!r} is a {type(groups).__name__}, expected a dict of per-category lists")
             for tag, values in groups.items():
-                v = torch.as_tensor(np.asarray(values, dtype=np.float64)).reshape(-1)
+                try:
+                    v = torch.as_tensor(np.asarray(values, dtype=np.float64)).reshape(-1)
+                except (TypeError, ValueError) as e:
+                    raise AttemptError(f"{group}[{tag!r}] is not a list of numbers ({e})") from None
                 if v.numel() != n:
                     raise AttemptError(f"{group}[{tag!r}] has {v.numel()} entries for {n} images")
                 mine = v != _PLACEHOLDER

@@ -1,7 +1,7 @@
 """OCR reward: how well the text rendered in an image matches the text the prompt asks for.
 
-As in the reference (``flow_grpo/ocr.py``, ``OcrScorer.__call__``, lines 19-61 in both
-yifan123/flow_grpo and NVlabs/DiffusionNFT), with ``target`` the text between the first pair
+As in the reference (``flow_grpo/ocr.py``, ``OcrScorer.__call__``, lines 22-63 in
+yifan123/flow_grpo, 19-61 in NVlabs/DiffusionNFT), with ``target`` the text between the first pair
 of double quotes in the prompt (``prompt.split('"')[1]``) and ``recognised`` the concatenation
 of every text line the recogniser found with a confidence above 0::
 
