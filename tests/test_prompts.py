@@ -135,6 +135,17 @@ def test_sampler_is_a_function_of_seed_and_step():
         s.local(7, 0, 3)
 
 
+def test_sampler_draw_repeats_each_prompt_group_size_times(tmp_path):
+    ps = load_prompts(_jsonl(tmp_path / "m.jsonl", GENEVAL_ROWS))
+    s = PromptSampler(len(ps), 2, seed=1)
+    prompts, meta = s.draw(ps, step=5, repeat=3)
+    idx = s.indices(5).tolist()
+    assert prompts == [ps.prompts[i] for i in idx for _ in range(3)] and meta == [ps.metadata[i] for i in idx for _ in range(3)]
+    assert meta[0] is not meta[1]  # one dict per entry
+    with pytest.raises(DataError, match=r"built for 5 prompts"):
+        PromptSampler(5, 2).draw(ps, 0)
+
+
 def test_sampler_covers_the_set_uniformly():
     s = PromptSampler(num_prompts=10, prompts_per_step=5, seed=0)
     counts = torch.bincount(torch.cat([s.indices(k) for k in range(2000)]), minlength=10).double()

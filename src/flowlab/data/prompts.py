@@ -253,6 +253,18 @@ class PromptSampler:
         permutation of ``0..M-1`` drawn from :meth:`generator`."""
         return torch.randperm(self.num_prompts, generator=self.generator(step))[: self.prompts_per_step]
 
+    def draw(self, prompts: PromptSet, step: int, repeat: int = 1) -> tuple[list[str], list[dict[str, Any]]]:
+        """The prompts and metadata of ``step``'s global batch, each repeated ``repeat`` (the group
+        size) times in a row: ``n · repeat`` entries, metadata dicts copied per entry.
+
+        Raises:
+            DataError: if ``prompts`` is not the size this sampler was built for.
+        """
+        if len(prompts) != self.num_prompts:
+            raise DataError(f"the sampler was built for {self.num_prompts} prompts but {prompts.source!r} has {len(prompts)}")
+        idx = [i for i in self.indices(step).tolist() for _ in range(repeat)]
+        return prompts.select(idx)
+
     def local(self, step: int, rank: int, world_size: int) -> Tensor:
         """This process's share of :meth:`indices` (contiguous, in rank order).
 
