@@ -145,7 +145,7 @@ class GenEvalReward(RewardFunction):
 
     # ----------------------------------------------------------------- request
     @staticmethod
-    def request_metadata(prompts: list[str] | None, metadata: list[dict] | None, n: int) -> list[dict]:
+    def request_metadata(prompts: list[str] | None, metadata: list[dict] | None) -> list[dict]:
         """The ``meta_datas`` sent: each image's metadata with ``prompt`` filled in.
 
         Raises:
@@ -171,7 +171,7 @@ class GenEvalReward(RewardFunction):
 
     def score(self, images: Tensor, prompts: list[str] | None, metadata: list[dict] | None) -> tuple[Tensor, dict[str, Any]]:
         n = images.shape[0]
-        meta = self.request_metadata(prompts, metadata, n)
+        meta = self.request_metadata(prompts, metadata)
         parts: dict[str, list[Tensor]] = {k: [] for k in ("scores", "strict_rewards", "rewards")}
         for i in range(0, n, self.batch_size):
             chunk = meta[i : i + self.batch_size]
