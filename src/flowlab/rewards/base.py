@@ -409,7 +409,7 @@ def build_reward(spec: Mapping[str, Any] | RewardFunction, key: str = "reward") 
     return reward
 
 
-def build_rewards(specs: Sequence[Mapping[str, Any]] | Mapping[str, Any], key: str = "rewards") -> RewardFunction:
+def build_rewards(specs: Sequence[Mapping[str, Any]] | Mapping[str, Any], key: str = "rewards", combine: str = "zscore") -> RewardFunction:
     """Build the reward of a config: one spec gives that reward, several a weighted
     :class:`~flowlab.rewards.combined.CombinedReward`.
 
@@ -417,6 +417,8 @@ def build_rewards(specs: Sequence[Mapping[str, Any]] | Mapping[str, Any], key: s
         specs: a list of specs (each as in :func:`build_reward`, with an optional ``weight``,
             default 1.0), or a single spec mapping.
         key: the list's dotted config path; spec ``i`` is reported as ``key[i]``.
+        combine: how several rewards combine: ``zscore`` (default) or ``sum`` (the reference's
+            weighted raw sum); see :mod:`flowlab.rewards.combined`.
 
     Returns:
         The reward; with one spec its ``weight`` is ignored (a single reward's scale is
@@ -446,4 +448,4 @@ def build_rewards(specs: Sequence[Mapping[str, Any]] | Mapping[str, Any], key: s
         weights.append(w)
     if len(rewards) == 1:
         return rewards[0]
-    return CombinedReward(rewards, weights)
+    return CombinedReward(rewards, weights, combine=combine)
