@@ -618,7 +618,7 @@ def test_connection_errors_are_retried(trained, hub_client):
 
 def test_failed_push_after_training_keeps_the_run_and_says_how_to_retry(trained, hub_client, monkeypatch, capsys):
     from flowlab.cli import EXIT_PUSH_FAILED, _push_after_training
-    from flowlab.train import load_config
+    from flowlab.recipes import load_config
 
     out, _, _ = trained
     before = _tree_digest(out)
@@ -722,7 +722,8 @@ def _fake_run(root: Path, recipe: str, artefact: str, files: dict[str, bytes], e
 
 def test_lora_artefact_with_a_recipe_card_data_hook(tmp_path, monkeypatch):
     """A future RL recipe whose artefact is a diffusers LoRA folder and which contributes card fields."""
-    from flowlab.train.recipe import RECIPES, Recipe
+    from flowlab.train.recipe import Recipe
+    from flowlab.train.registry import RECIPES, RecipeSpec
 
     class ToyLoRARecipe(Recipe):
         name, artifact_name = "toy_lora", "lora"
@@ -735,7 +736,7 @@ def test_lora_artefact_with_a_recipe_card_data_hook(tmp_path, monkeypatch):
         def card_data(self):
             return {"base_model": "stabilityai/stable-diffusion-3.5-medium", "tags": ["diffusion-nft", "lora"], "license": "other"}
 
-    monkeypatch.setitem(RECIPES, "toy_lora", ToyLoRARecipe)
+    monkeypatch.setitem(RECIPES, "toy_lora", RecipeSpec("toy_lora", {}, lambda: ToyLoRARecipe))
     run = _fake_run(tmp_path / "run", "toy_lora", "lora", {"pytorch_lora_weights.safetensors": b"\x00weights", "README.md": b"peft card"})
     before = _tree_digest(run)
     res = push_to_hub(run, "gina/sd35-nft", dry_run=True, preview_dir=tmp_path / "preview")
@@ -754,7 +755,8 @@ def test_lora_artefact_with_a_recipe_card_data_hook(tmp_path, monkeypatch):
 
 
 def test_noprop_and_transformers_artefacts(tmp_path, monkeypatch):
-    from flowlab.train.recipe import RECIPES, Recipe
+    from flowlab.train.recipe import Recipe
+    from flowlab.train.registry import RECIPES, RecipeSpec
 
     run = _fake_run(tmp_path / "noprop", "noprop", "classifier",
                     {"config.json": b'{"_class_name": "NoPropClassifier"}', "diffusion_pytorch_model.safetensors": b"\x00w"})
@@ -768,7 +770,7 @@ def test_noprop_and_transformers_artefacts(tmp_path, monkeypatch):
         name, artifact_name = "toy_jepa", "model"
         build_dataset = build_model = training_step = lambda *a: None
 
-    monkeypatch.setitem(RECIPES, "toy_jepa", ToyJepaRecipe)
+    monkeypatch.setitem(RECIPES, "toy_jepa", RecipeSpec("toy_jepa", {}, lambda: ToyJepaRecipe))
     run = _fake_run(tmp_path / "jepa", "toy_jepa", "model", {"config.json": b'{"architectures": ["X"]}', "model.safetensors": b"\x00w"},
                     extra_config="wandb:\n  api_key: abc123secret\n  project: p\n")
     res = push_to_hub(run, "ivan/jepa", dry_run=True, preview_dir=tmp_path / "p2")

@@ -349,8 +349,8 @@ def test_two_process_run_resumes_exactly(tiny_base, tmp_path):
 
 
 def test_card_data_for_the_hub():
-    from flowlab.train import load_config
-    from flowlab.train.recipe import get_recipe
+    from flowlab.recipes import load_config
+    from flowlab.recipes import get_recipe
 
     digits = get_recipe(load_config("configs/nft_digits.yaml")).card_data("me/nft-digits")
     assert 'FlowPipeline.from_pretrained("me/nft-digits")' in digits["usage"] and "class_labels" not in digits["usage"]

@@ -26,7 +26,7 @@ from flowlab.rewards import (
     register_reward,
 )
 from flowlab.rewards.combined import zscore
-from flowlab.train.config import ConfigError
+from flowlab.errors import ConfigError
 
 
 def _uint8(images: torch.Tensor) -> np.ndarray:

@@ -239,13 +239,13 @@ def _read_config(output_dir: Path) -> dict:
 
 def _recipe_for(config: dict):
     """The recipe object of a run (``None`` if its recipe is not installed or its config no longer validates)."""
-    from .train.config import config_from_dict
-    from .train.recipe import RECIPES, import_builtin_recipes
+    from .recipes import RECIPES, config_from_dict
+    from .train.registry import recipe_class
 
-    import_builtin_recipes()
-    cls = RECIPES.get(config.get("recipe", "flow_matching"))
-    if cls is None:
+    name = config.get("recipe", "flow_matching")
+    if name not in RECIPES:
         return None, None
+    cls = recipe_class(name)
     try:
         return cls, cls(config_from_dict(config))
     except Exception:  # e.g. an older run's config: the class alone still names the artefact
@@ -255,7 +255,7 @@ def _recipe_for(config: dict):
 def _artifact_dir(output_dir: Path, config: dict, recipe_cls) -> Path:
     recipe = config.get("recipe", "flow_matching")
     if recipe_cls is None:
-        from .train.recipe import RECIPES
+        from .recipes import RECIPES
 
         raise HubError(
             f"{output_dir} was trained with recipe {recipe!r}, which this flowlab does not know "
