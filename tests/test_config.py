@@ -489,3 +489,125 @@ def test_bare_no_is_the_string_choice_not_false():
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
     with pytest.raises(ConfigError, match="train.mixed_precision"):
         load_config(None, ["train.mixed_precision=true"])  # "yes" is not a choice
+
+
+# --------------------------------------------------------------------------- sections owned by recipes
+
+
+@pytest.mark.parametrize(
+    "overrides,start,words",
+    [
+        (["recipe=nft", "data.name=digits"], "data: section of recipe flow_matching, noprop", ["recipe 'nft' does not read it"]),
+        (["recipe=reversal_jepa", "model.hidden_dim=8"], "model: section of recipe", ["recipe 'reversal_jepa'"]),
+        (["noprop.variant=dt"], "noprop: section of recipe noprop", ["recipe 'flow_matching'"]),
+        (["recipe=flowgrpo", "nft.kl_coef=0.1"], "nft: section of recipe nft", ["recipe 'flowgrpo'"]),
+    ],
+)
+def test_a_section_the_recipe_does_not_read_is_refused(overrides, start, words):
+    msg = _err(overrides)
+    assert msg.startswith(start), msg
+    assert all(w in msg for w in words), msg
+
+
+@pytest.mark.parametrize(
+    "overrides,key,variant",
+    [
+        (["data.resolution=16"], "data.resolution", "data.name=digits"),  # digits are 8x8 greyscale
+        (["data.channels=1"], "data.channels", "data.name=digits"),
+        (["data.name=moons", "data.split=test"], "data.split", "data.name=moons"),
+        (["model.block_out_channels=[8,8]"], "model.block_out_channels", "model.type=mlp"),
+        (["model.type=dit", "model.hidden_dim=8"], "model.hidden_dim", "model.type=dit"),
+        (["model.type=conservative", "model.attention=xformers"], "model.attention", "model.type=conservative"),
+        (["recipe=nft", "rl.prompts=[a cat]"], "rl.prompts", "rl.pipeline=flowlab"),
+        (["recipe=nft", "rl.pipeline=sd3", "rl.base=x/y", "rl.prompts=[a]", "rl.class_labels=[1]"], "rl.class_labels", "rl.pipeline=sd3"),
+    ],
+)
+def test_keys_of_another_variant_are_refused_not_ignored(overrides, key, variant):
+    msg = _err(overrides)
+    assert msg.startswith(f"{key}: not a key of {variant}; valid: "), msg
+
+
+def test_the_engine_sample_section_takes_no_sampler_settings_for_recipes_without_them():
+    msg = _err(["recipe=noprop", "sample.solver=heun"])
+    assert "unknown config key 'sample.solver'" in msg and "every" in msg
+
+
+def test_a_key_of_a_sibling_section_is_pointed_to():
+    """docs once said nft.rewards; the key is rl.rewards, and the error says so."""
+    msg = _err(["recipe=nft", "nft.rewards=[{name: jpeg_compressibility}]"])
+    assert "unknown config key 'nft.rewards'" in msg and "did you mean 'rl.rewards'?" in msg
+    assert "did you mean 'flow.time_sampler'?" in _err(["recipe=nft", "nft.time_sampler=uniform"])
+
+
+def test_rl_settings_validate_themselves():
+    assert _err(["recipe=nft", "rl.rewards=[]"]).startswith("rl.rewards: give at least one reward")
+    assert _err(["recipe=nft", "rl.pipeline=sd3", "rl.base=x/y"]).startswith("rl.prompts: an sd3 pipeline needs prompts")
+    assert _err(["recipe=nft", "rl.base=null"]).startswith("rl.base:")
+    sd3 = load_config(None, ["recipe=flowgrpo", "rl.pipeline=sd3", "rl.base=x/y", "rl.prompts=[a cat, a dog]"])
+    assert sd3.rl.conditions() == ["a cat", "a dog"] and not hasattr(sd3.rl, "class_labels")
+    flowlab_rl = load_config(None, ["recipe=nft", "rl.class_labels=[3, 5]"]).rl
+    assert flowlab_rl.conditions() == [3, 5] and not hasattr(flowlab_rl, "prompts")
+    assert load_config(None, ["recipe=nft"]).rl.conditions() == [None]  # unconditional: the null class
+
+
+def test_noprop_model_backbone_must_be_an_image_backbone():
+    assert _err(["recipe=noprop", "noprop.backbone=model", "model.type=conservative"]).startswith("model.type: noprop.backbone=model")
+    assert load_config(None, ["recipe=noprop", "noprop.backbone=model", "model.type=unet"]).model.type == "unet"
+
+
+@pytest.mark.parametrize(
+    "overrides,model_keys,data_keys",
+    [
+        ([], {"type", "class_conditional", "label_dropout", "pretrained", "dropout", "hidden_dim", "depth", "time_embed_dim"}, {"name", "split"}),
+        (["model.type=unet", "model.block_out_channels=[16,32]"], {"block_out_channels", "norm_num_groups", "attention"}, {"name", "split"}),
+        (["model.type=dit", "model.patch_size=4", "data.name=moons"], {"num_layers", "patch_size", "attention"}, {"name", "num_samples"}),
+        (["data.name=hf", "data.path=user/images", "data.resolution=16"], {"hidden_dim"}, {"path", "resolution", "channels", "num_workers"}),
+    ],
+    ids=["mlp-digits", "unet", "dit-moons", "mlp-hf"],
+)
+def test_tagged_union_sections_round_trip_through_config_yaml(tmp_path, overrides, model_keys, data_keys):
+    cfg = load_config(None, overrides)
+    saved = config_to_dict(cfg)
+    assert model_keys <= set(saved["model"]) and data_keys <= set(saved["data"])
+    if saved["model"]["type"] == "mlp":  # an MLP run's config lists no UNet / DiT keys
+        assert not {"block_out_channels", "num_layers", "attention", "patch_size"} & set(saved["model"])
+    if saved["data"]["name"] == "digits":  # nor image-folder keys for the embedded digits
+        assert set(saved["data"]) == {"name", "split"}
+    p = tmp_path / "config.yaml"
+    p.write_text(yaml.safe_dump(saved, sort_keys=False))
+    again = load_config(p)
+    assert again == cfg and type(again.model) is type(cfg.model) and type(again.data) is type(cfg.data)
+    assert list(config_to_dict(again)) == ["recipe", "output_dir", "seed", "data", "model", "flow", "sample", "eval", "train", "hub"]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
+def test_every_shipped_config_round_trips_through_its_saved_form(path, tmp_path):
+    """What a run writes to config.yaml (config_to_dict) loads back to the same config."""
+    cfg = load_config(path, [f"data.path={tmp_path}"] if "imagefolder" in open(path).read() else [])
+    p = tmp_path / "config.yaml"
+    p.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    assert load_config(p) == cfg
+
+
+def test_the_light_name_lists_match_the_implementations():
+    from flowlab.data import TOY2D
+    from flowlab.flow.solvers import SOLVERS
+    from flowlab.names import SOLVER_NAMES, TOY2D_NAMES
+
+    assert tuple(SOLVERS) == SOLVER_NAMES and tuple(TOY2D) == TOY2D_NAMES
+
+
+def test_rl_prerequisite_is_the_base_run_and_the_engine_does_not_train_it(tmp_path):
+    """A missing rl.base is a prerequisite the top layer trains; a Trainer never trains it from inside."""
+    from flowlab.recipes import Trainer, get_recipe
+
+    base = tmp_path / "base" / "pipeline"
+    cfg = load_config(os.path.join(ROOT, "configs", "nft_digits.yaml"),
+                      [f"rl.base={base}", f"rl.base_config={os.path.join(ROOT, 'configs', 'quickstart.yaml')}", f"output_dir={tmp_path / 'rl'}"])
+    (pre,) = get_recipe(cfg).prerequisites()
+    assert pre.recipe == "flow_matching" and pre.output_dir == str(tmp_path / "base")
+    with pytest.raises(ConfigError, match=r"rl.base: .* does not exist; train it first"):
+        Trainer(cfg)
+    assert not (tmp_path / "base").exists()
+    not_a_path = load_config(os.path.join(ROOT, "configs", "nft_digits.yaml"), ["rl.base=some-hub-model"])
+    assert get_recipe(not_a_path).prerequisites() == []  # only a local path (with a separator) is trained

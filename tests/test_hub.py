@@ -736,7 +736,9 @@ def test_lora_artefact_with_a_recipe_card_data_hook(tmp_path, monkeypatch):
         def card_data(self):
             return {"base_model": "stabilityai/stable-diffusion-3.5-medium", "tags": ["diffusion-nft", "lora"], "license": "other"}
 
-    monkeypatch.setitem(RECIPES, "toy_lora", RecipeSpec("toy_lora", {}, lambda: ToyLoRARecipe))
+    from flowlab.recipes.flow_matching.config import DATA_CONFIG
+
+    monkeypatch.setitem(RECIPES, "toy_lora", RecipeSpec("toy_lora", {"data": DATA_CONFIG}, lambda: ToyLoRARecipe))  # _fake_run writes data:
     run = _fake_run(tmp_path / "run", "toy_lora", "lora", {"pytorch_lora_weights.safetensors": b"\x00weights", "README.md": b"peft card"})
     before = _tree_digest(run)
     res = push_to_hub(run, "gina/sd35-nft", dry_run=True, preview_dir=tmp_path / "preview")

@@ -207,11 +207,20 @@ def check_hub_config(cfg: Config) -> None:
     """Start-up checks of the ``hub`` section for a run that will push (raises :class:`ConfigError`).
 
     Called by the command line before training (not by :func:`config_from_dict`: these checks
-    relate keys to each other and to the Hub's naming rules, which matter only to a run that pushes).
+    relate keys to each other, to the Hub's naming rules and to the machine's login, which matter
+    only to a run that pushes). A run that will push needs a token (``HF_TOKEN`` or the cached
+    ``hf auth login``) now, not after training.
     """
     h = cfg.hub
     if h.push and not h.repo_id:
         raise ConfigError("hub.repo_id: required when hub.push=true (e.g. hub.repo_id=your-name/flowlab-digits)")
+    if h.repo_id is not None:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(h.repo_id)
+        except HFValidationError as e:
+            raise ConfigError(f"hub.repo_id: {h.repo_id!r} is not a valid Hub repo id ('user/name'): {e}") from None
     if h.push:
         from huggingface_hub import get_token
 
@@ -220,13 +229,6 @@ def check_hub_config(cfg: Config) -> None:
                 "hub.push: true needs a Hugging Face token, and none was found: set the HF_TOKEN environment variable "
                 "or log in once with `hf auth login`, or set hub.push=false (then publish later with `flowlab push`)"
             )
-    if h.repo_id is not None:
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-        try:
-            validate_repo_id(h.repo_id)
-        except HFValidationError as e:
-            raise ConfigError(f"hub.repo_id: {h.repo_id!r} is not a valid Hub repo id ('user/name'): {e}") from None
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -235,8 +237,10 @@ def config_to_dict(cfg: Config) -> dict:
     :func:`config_from_dict` of the result gives back an equal config (the run's ``config.yaml``).
     """
     out: dict[str, Any] = {"recipe": cfg.recipe, "output_dir": cfg.output_dir, "seed": cfg.seed}
-    for name, section in cfg.sections.items():
-        out[name] = dataclasses.asdict(section)
+    spec = RECIPES.get(cfg.recipe)
+    for name in [*(spec.sections if spec else ()), *cfg.sections]:  # the recipe's order
+        if name not in out:
+            out[name] = dataclasses.asdict(getattr(cfg, name))
     out["train"] = dataclasses.asdict(cfg.train)
     out["hub"] = dataclasses.asdict(cfg.hub)
     return out

@@ -58,7 +58,7 @@ def register_recipe(name: str, sections: Mapping[str, Any] | None = None, load: 
     own = dict(sections or {})
     for clash in set(own) & set(CORE_SECTIONS):
         raise ValueError(f"recipe {name!r}: section {clash!r} belongs to the core config")
-    merged = {"sample": SampleConfig, "eval": EvalConfig, **own}
+    merged = {**own, **{k: v for k, v in (("sample", SampleConfig), ("eval", EvalConfig)) if k not in own}}
 
     def _register(loader: Callable[[], type]) -> RecipeSpec:
         spec = RecipeSpec(name, merged, loader)
