@@ -85,6 +85,12 @@ def test_the_scan_sees_imports_and_importlib_strings(tmp_path):
     assert names == {"flowlab.nft", "flowlab.hub", "flowlab.jepa.recipe"}
 
 
+def _python(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (nothing imported yet) from the repository root."""
+    env = {**os.environ, "PYTHONPATH": str(SRC.parent), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=SRC.parents[1])
+
+
 def test_importing_the_engine_loads_no_recipe():
     code = (
         "import sys, flowlab.train.trainer, flowlab.train.config, flowlab.train.recipe, flowlab.train.registry\n"
@@ -93,8 +99,7 @@ def test_importing_the_engine_loads_no_recipe():
         "from flowlab.train.registry import RECIPES\n"
         "assert RECIPES == {}, sorted(RECIPES)\n"  # the engine fills no registry
     )
-    env = {**os.environ, "PYTHONPATH": str(SRC.parent), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    proc = _python(code)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -113,8 +118,7 @@ def test_config_validation_imports_no_torch():
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers', 'accelerate'))\n"
         "assert not heavy, heavy[:5]\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(SRC.parent), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=SRC.parents[1])
+    proc = _python(code)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -130,6 +134,5 @@ def test_the_engine_refuses_a_config_when_no_recipe_is_registered():
         "else:\n"
         "    raise SystemExit('accepted')\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(SRC.parent), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    proc = _python(code)
     assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-500:]

@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -23,7 +22,7 @@ from ..data import build_dataset
 from ..flow import FlowMatchingLoss, LinearPath, UniformTimeSampler
 from ..errors import ConfigError
 from ..train.config import Config
-from ..train.recipe import Recipe, StepContext, StepOutput
+from ..train.recipe import DataSectionRecipe, StepContext, StepOutput
 from .config import NoPropConfig
 from .models import NoPropClassifier
 from .schedules import gaussian_kl_to_standard, noisy_label
@@ -82,7 +81,7 @@ def _owner(block: int, num_blocks: int, num_processes: int) -> int:
     return block * num_processes // num_blocks
 
 
-class NoPropRecipe(Recipe):
+class NoPropRecipe(DataSectionRecipe):
     """NoProp classifiers (``recipe: noprop``, section ``noprop:``); saves a :class:`NoPropClassifier`."""
 
     name = "noprop"
@@ -101,13 +100,6 @@ class NoPropRecipe(Recipe):
         self._rank, self._world = 0, 1
 
     # ------------------------------------------------------------------ set-up
-    def build_dataset(self):
-        return build_dataset(self.config.data, self.config.seed)
-
-    @property
-    def num_workers(self) -> int:
-        return getattr(self.config.data, "num_workers", 0)  # image datasets only; the others are in memory
-
     def build_model(self, dataset):
         num_classes = getattr(dataset, "num_classes", 0)
         if num_classes <= 0:

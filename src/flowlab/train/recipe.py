@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from .config import Config
 from .registry import RECIPES, recipe_class, register_recipe
 
-__all__ = ["StepContext", "StepOutput", "Recipe", "RECIPES", "register_recipe", "get_recipe"]
+__all__ = ["StepContext", "StepOutput", "Recipe", "DataSectionRecipe", "RECIPES", "register_recipe", "get_recipe"]
 
 
 @dataclass
@@ -149,6 +149,19 @@ class Recipe(ABC):
 
     def save_final(self, model: nn.Module, directory: str) -> None:
         """Write the trained artefact (EMA weights) to ``directory``."""
+
+
+class DataSectionRecipe(Recipe):
+    """A recipe that trains on the dataset named by its ``data`` section (:func:`flowlab.data.build_dataset`)."""
+
+    def build_dataset(self) -> Dataset:
+        from ..data import build_dataset
+
+        return build_dataset(self.config.data, self.config.seed)
+
+    @property
+    def num_workers(self) -> int:
+        return getattr(self.config.data, "num_workers", 0)  # image datasets only; the others are in memory
 
 
 def get_recipe(config: Config) -> Recipe:

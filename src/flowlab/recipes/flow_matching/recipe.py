@@ -4,13 +4,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...data import build_dataset
 from ...errors import ConfigError
 from ...flow import FlowMatchingLoss, build_coupling, build_time_sampler, get_path
 from ...models import MODEL_TYPES, set_attention_backend
 from ...pipelines import FlowPipeline, FlowScheduler
 from ...train.config import Config
-from ...train.recipe import Recipe, StepContext, StepOutput
+from ...train.recipe import DataSectionRecipe, StepContext, StepOutput
 
 __all__ = ["FlowMatchingRecipe", "build_velocity_model", "build_scheduler"]
 
@@ -73,7 +72,7 @@ def build_scheduler(config: Config) -> FlowScheduler:
     )
 
 
-class FlowMatchingRecipe(Recipe):
+class FlowMatchingRecipe(DataSectionRecipe):
     """Conditional flow matching (``recipe: flow_matching``).
 
     Class-conditional models (``model.class_conditional: true``) are trained with label
@@ -94,13 +93,6 @@ class FlowMatchingRecipe(Recipe):
         self.num_classes = 0
 
     name = "flow_matching"
-
-    def build_dataset(self):
-        return build_dataset(self.config.data, self.config.seed)
-
-    @property
-    def num_workers(self) -> int:
-        return getattr(self.config.data, "num_workers", 0)  # image datasets only; the others are in memory
 
     def build_model(self, dataset):
         if self.config.model.class_conditional:
