@@ -174,8 +174,7 @@ def config_from_dict(data: dict) -> Config:
         valid = [*_CORE_KEYS, *sections]
         raise ConfigError(f"unknown config key '{k}'{did_you_mean(k, valid)}; valid keys here: {', '.join(valid)}")
     cfg = build(Config, core, "", extra=sections, siblings=sections)
-    cfg.sections.update(given)
-    cfg.__post_init__()
+    cfg.sections.update(given)  # the others hold their defaults (Config.__post_init__)
     _cross_checks(cfg)
     return cfg
 

@@ -26,7 +26,8 @@ class RecipeSpec:
         name: the config's ``recipe:`` value.
         sections: the config sections the recipe reads, section name -> schema (a dataclass or a
             :class:`~flowlab.schema.TaggedUnion`), besides the core ``train`` and ``hub``. A config
-            that gives any other section is refused.
+            that gives any other section is refused. A section's dataclass may define
+            ``check(self, config)``, called once the whole config has validated, for checks across keys.
         load: returns the :class:`~flowlab.train.recipe.Recipe` subclass (imports it on first call).
     """
 
