@@ -199,7 +199,7 @@ def _median(xs: list[float]) -> float:
 
 
 def _trainer_config(args, output_dir: Path, max_steps: int):
-    from flowlab.train import load_config
+    from flowlab.recipes import load_config
 
     over = _quiet_run_overrides(output_dir) + _model_overrides(args) + [
         f"seed={args.seed}",
@@ -213,7 +213,7 @@ def _trainer_config(args, output_dir: Path, max_steps: int):
 
 def run_flowlab(args, output_dir: Path, profile: cProfile.Profile | None = None) -> dict[str, Any]:
     """One ``Trainer.train()``; throughput from its ``metrics.jsonl`` windows after warm-up."""
-    from flowlab.train import Trainer
+    from flowlab.recipes import Trainer
 
     warm = args.warmup_windows * args.window
     cfg = _trainer_config(args, output_dir, warm + args.steps)
@@ -424,7 +424,7 @@ def format_trainer(res: dict[str, Any]) -> str:
 
 
 def train_pipeline(args, workdir: Path) -> Path:
-    from flowlab.train import Trainer, load_config
+    from flowlab.recipes import Trainer, load_config
 
     out = workdir / "pipeline-run"
     over = [f"output_dir={out}", "train.overwrite=true", "train.report_to=none", f"seed={args.seed}"] + _model_overrides(args)

@@ -43,7 +43,7 @@ def smooth(values: list[float], k: int) -> list[float]:
 
 def run_one(method: str, base: str, lr: float, seed: int, steps: int, args, workdir: str) -> dict:
     """Train one method; return its reward curve, wall time and final guards."""
-    from flowlab.train import Trainer, load_config
+    from flowlab.recipes import Trainer, load_config
 
     out = os.path.join(workdir, f"{method}_lr{lr:g}_s{seed}")
     overrides = [
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     print(f"base (conditional class {args.target}): fd {base['fd']:.2f}, diversity {base['diversity']:.3f} (real {base['diversity_real']:.3f})")
     results: dict = {"base": base, "config": vars(args)}
     for method in args.methods:
-        from flowlab.train import load_config
+        from flowlab.recipes import load_config
 
         cfg = load_config(os.path.join(ROOT, "configs", f"{method}_digits.yaml"), [*args.override])
         per_step = cfg.train.batch_size * cfg.rl.group_size

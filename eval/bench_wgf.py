@@ -28,7 +28,7 @@ from flowlab.data import sample_toy2d  # noqa: E402
 from flowlab.data.digits import load_digits_arrays  # noqa: E402
 from flowlab.metrics.vectors import sliced_wasserstein  # noqa: E402
 from flowlab.pipelines import FlowPipeline  # noqa: E402
-from flowlab.train import Trainer, load_config  # noqa: E402
+from flowlab.recipes import Trainer, load_config  # noqa: E402
 from flowlab.wgf import ProbabilityFlow  # noqa: E402
 from flowlab.wgf.diagnostics import conservativity_report, noised_points  # noqa: E402
 

@@ -31,7 +31,8 @@ VARIANTS = ("dt", "ct", "fm", "backprop")
 def peak_saved_bytes(config) -> int:
     """Peak live saved-for-backward bytes of one training step (the trainer's part-by-part backward)."""
     from flowlab.noprop.memory import SavedActivationMeter
-    from flowlab.train.recipe import StepContext, get_recipe
+    from flowlab.recipes import get_recipe
+    from flowlab.train.recipe import StepContext
 
     recipe = get_recipe(config)
     ds = recipe.build_dataset()
@@ -50,7 +51,7 @@ def peak_saved_bytes(config) -> int:
 def run_variant(variant: str, seed: int, workdir: str, extra: list[str], ct_steps: list[int]) -> dict:
     from flowlab.noprop import NoPropClassifier
     from flowlab.noprop.recipe import accuracy, load_eval_split
-    from flowlab.train import Trainer, load_config
+    from flowlab.recipes import Trainer, load_config
 
     out_dir = os.path.join(workdir, f"{variant}_{seed}")
     cfg = load_config(

@@ -59,7 +59,7 @@ def evaluate_run(run_dir: str, max_queries: int | None = None) -> tuple[str, dic
 
 def train_all(workdir: str, overrides: list[str], keys: list[str]) -> dict[str, tuple[str, float]]:
     """Train the shipped configs through the shared Trainer; ``{key: (run_dir, seconds)}``."""
-    from flowlab.train import Trainer, load_config
+    from flowlab.recipes import Trainer, load_config
 
     runs = {}
     for key in keys:

@@ -87,7 +87,7 @@ def block_here():
 
 
 if mode == "training_step":  # in the middle of training, checkpoints behind us
-    from flowlab.train.flow_matching import FlowMatchingRecipe
+    from flowlab.recipes.flow_matching.recipe import FlowMatchingRecipe
 
     real_step = FlowMatchingRecipe.training_step
 

@@ -15,7 +15,8 @@ from flowlab.data.reversal import ReversalSpec, generate_reversal_data
 from flowlab.jepa import JEPAConceptModel, JEPAConfig, ReversalGPT2, ReversalGPT2Config, ranking_metrics
 from flowlab.jepa.metrics import gold_ranks
 from flowlab.jepa.recipe import build_reversal_data, evaluate_reversal, load_reversal_model
-from flowlab.train import ConfigError, load_config
+from flowlab.errors import ConfigError
+from flowlab.recipes import load_config
 
 SMALL = dict(num_entities_a=60, num_entities_b=40, num_relations=3, names_share=5)
 TINY_RUN = ["reversal.num_entities_a=60", "reversal.num_entities_b=40", "reversal.num_relations=3", "reversal.names_share=5",
@@ -211,7 +212,7 @@ def test_reversal_config_errors_name_the_key(tmp_path):
         load_config(None, ["recipe=reversal_jepa", "reversal.negatives=some"])
     with pytest.raises(ConfigError, match="reversal.data_dir"):
         build_reversal_data(load_config(None, ["recipe=reversal_ar", f"reversal.data_dir={tmp_path / 'none'}"]))
-    from flowlab.train.recipe import get_recipe
+    from flowlab.recipes import get_recipe
 
     cfg = load_config(None, ["recipe=reversal_ar", "reversal.hidden_size=30", "reversal.num_heads=4", *TINY_RUN[:4]])
     recipe = get_recipe(cfg)
@@ -251,7 +252,7 @@ def _assert_same_run(full, part, step):
 def test_cli_training_resumes_exactly(tmp_path):
     """A JEPA + memory run through ``train.py`` resumed from a mid-run checkpoint ends exactly where the
     uninterrupted run does (weights and logged numbers); its artefact answers by name on its own."""
-    from flowlab.train import Trainer
+    from flowlab.recipes import Trainer
 
     args = [*TINY_RUN, "train.checkpoint_every=3", "train.log_every=3", "train.max_steps=6", "eval.every=3"]
     full, part = tmp_path / "full", tmp_path / "part"
@@ -287,7 +288,7 @@ def test_cli_training_resumes_exactly(tmp_path):
 
 @pytest.mark.parametrize("config", ["reversal_ar", "reversal_jepa"])
 def test_resume_is_exact(tmp_path, config):
-    from flowlab.train import Trainer
+    from flowlab.recipes import Trainer
 
     args = [*TINY_RUN, "train.checkpoint_every=2", "train.max_steps=4"]
     full, part = tmp_path / "full", tmp_path / "part"
@@ -316,7 +317,7 @@ def test_two_processes_match_one(tmp_path):
 
 @pytest.mark.parametrize("memory", [False, True])
 def test_concept_parameters_get_their_own_learning_rate(memory):
-    from flowlab.train.recipe import get_recipe
+    from flowlab.recipes import get_recipe
 
     cfg = load_config(None, ["recipe=reversal_jepa", *TINY_RUN, f"reversal.memory={str(memory).lower()}", "train.lr=2e-3",
                              "reversal.concept_lr_scale=10"])
@@ -336,8 +337,8 @@ def test_concept_parameters_get_their_own_learning_rate(memory):
 
 @pytest.mark.parametrize("config, cls", [("reversal_jepa", "JEPAConceptModel"), ("reversal_ar", "ReversalGPT2")])
 def test_card_data_names_the_flowlab_class(config, cls):
-    from flowlab.train import load_config
-    from flowlab.train.recipe import get_recipe
+    from flowlab.recipes import load_config
+    from flowlab.recipes import get_recipe
 
     card = get_recipe(load_config(f"configs/{config}.yaml")).card_data("me/rev")
     assert f"from flowlab.jepa import {cls}" in card["usage"] and f'{cls}.from_pretrained("me/rev")' in card["usage"]

@@ -9,8 +9,10 @@ import torch
 from conftest import tiny_overrides
 from flowlab.noprop import DiscreteCosineSchedule, GammaPath, MonotoneGamma, NoPropClassifier, gaussian_kl_to_standard, noisy_label
 from flowlab.noprop.memory import SavedActivationMeter
-from flowlab.train import ConfigError, load_config
-from flowlab.train.recipe import StepContext, get_recipe
+from flowlab.errors import ConfigError
+from flowlab.recipes import load_config
+from flowlab.recipes import get_recipe
+from flowlab.train.recipe import StepContext
 
 TINY = ["noprop.hidden_dim=16", "noprop.channels=[4,8]", "noprop.time_embed_dim=8", "noprop.dropout=0.0"]
 
@@ -272,7 +274,7 @@ def test_flowlab_backbone_option(tmp_path):
 
 @pytest.mark.parametrize("variant", ["dt", "ct", "fm", "backprop"])
 def test_tiny_training_through_the_trainer(tmp_path, variant):
-    from flowlab.train import Trainer
+    from flowlab.recipes import Trainer
 
     cfg = _cfg(tmp_path, f"noprop.variant={variant}", "noprop.num_blocks=3", "train.max_steps=6", "train.checkpoint_every=3",
                "eval.enabled=true", "noprop.inference_steps=2", "noprop.eval_steps=[1]", "noprop.eval_max_examples=40")
@@ -296,7 +298,7 @@ def test_tiny_training_through_the_trainer(tmp_path, variant):
 
 
 def test_dt_resume_is_exact(tmp_path):
-    from flowlab.train import Trainer
+    from flowlab.recipes import Trainer
     from safetensors.torch import load_file
 
     import shutil

@@ -211,8 +211,8 @@ MODEL_CASES = {
 @pytest.mark.parametrize("case", sorted(MODEL_CASES))
 def test_final_artefact_of_each_model_type_is_safetensors(case, tmp_path):
     """What each recipe's ``save_final`` writes (``save_pretrained`` of a FlowPipeline or a classifier)."""
-    from flowlab.train import load_config
-    from flowlab.train.recipe import get_recipe
+    from flowlab.recipes import load_config
+    from flowlab.recipes import get_recipe
 
     config, overrides = MODEL_CASES[case]
     cfg = load_config(os.path.join(ROOT, config) if config else None, [f"output_dir={tmp_path}", "data.name=digits", *overrides])

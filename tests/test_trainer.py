@@ -7,9 +7,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides
-from flowlab.train import ConfigError, Trainer, TrainingError, load_config
+from flowlab.errors import ConfigError, TrainingError
+from flowlab.recipes import Trainer, load_config
 from flowlab.train.checkpoint import find_resume_checkpoint, list_checkpoints
-from flowlab.train.flow_matching import FlowMatchingRecipe
+from flowlab.recipes.flow_matching.recipe import FlowMatchingRecipe
 
 
 def _train(out, *extra, recipe_cls=FlowMatchingRecipe):

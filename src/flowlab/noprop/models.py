@@ -26,12 +26,10 @@ from torch.nn import functional as F
 from ..flow import LinearPath, get_solver, time_grid
 from ..flow.parameterization import to_velocity
 from ..models import MODEL_TYPES, sinusoidal_embedding
+from .config import EMBEDDINGS, VARIANTS
 from .schedules import DiscreteCosineSchedule, GammaPath, MonotoneGamma
 
 __all__ = ["NoPropClassifier", "DenoisingBlock", "ImageEncoder", "VARIANTS", "EMBEDDINGS"]
-
-VARIANTS = ("dt", "ct", "fm", "backprop")
-EMBEDDINGS = ("one_hot", "learned", "prototype")
 
 
 class _MixtureSquaredError(torch.autograd.Function):

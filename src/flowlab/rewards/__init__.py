@@ -4,7 +4,7 @@
 strings or None, ``metadata`` a list of N dicts or None; the scores are a float32 CPU tensor
 ``(N,)`` with NaN for samples that could not be scored. Build rewards from config specs::
 
-    reward = build_reward({"name": "digits_classifier", "target": 3}, key="nft.rewards[0]")
+    reward = build_reward({"name": "digits_classifier", "target": 3}, key="rl.rewards[0]")
     reward = build_rewards([{"name": "pickscore", "weight": 1.0}, {"name": "aesthetic", "head": "...", "weight": 0.5}])
 
 Built-in rewards (``REWARDS``): ``jpeg_compressibility``, ``jpeg_incompressibility``,

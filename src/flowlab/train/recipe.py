@@ -18,8 +18,9 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from .config import Config
+from .registry import RECIPES, recipe_class, register_recipe
 
-__all__ = ["StepContext", "StepOutput", "Recipe", "RECIPES", "register_recipe", "get_recipe", "import_builtin_recipes", "BUILTIN_RECIPE_MODULES"]
+__all__ = ["StepContext", "StepOutput", "Recipe", "DataSectionRecipe", "RECIPES", "register_recipe", "get_recipe"]
 
 
 @dataclass
@@ -77,9 +78,19 @@ class Recipe(ABC):
         self.config = config
 
     def prepare(self) -> None:
-        """Work to do once before training starts and before accelerate is set up (e.g. an RL recipe
-        training its missing base model). Construction itself stays cheap: tools build recipes from
-        configs just to read their attributes."""
+        """Work to do once before training starts and before accelerate is set up. Construction itself
+        stays cheap: tools build recipes from configs just to read their attributes. A run that needs
+        another run first says so in :meth:`prerequisites`; the engine never trains one itself."""
+
+    def prerequisites(self) -> list[Config]:
+        """Configs of runs that must be trained before this one (e.g. an RL recipe's missing base
+        model). The top layer (:func:`flowlab.recipes.train`, the command line) trains them first."""
+        return []
+
+    @property
+    def num_workers(self) -> int:
+        """DataLoader worker processes for :meth:`build_dataset`'s dataset (0: the main process)."""
+        return 0
 
     @abstractmethod
     def build_dataset(self) -> Dataset:
@@ -149,42 +160,19 @@ class Recipe(ABC):
         return {}
 
 
-RECIPES: dict[str, type[Recipe]] = {}
+class DataSectionRecipe(Recipe):
+    """A recipe that trains on the dataset named by its ``data`` section (:func:`flowlab.data.build_dataset`)."""
 
+    def build_dataset(self) -> Dataset:
+        from ..data import build_dataset
 
-def register_recipe(name: str):
-    """Class decorator adding a recipe to the registry under ``name`` (the config's ``recipe:``)."""
+        return build_dataset(self.config.data, self.config.seed)
 
-    def deco(cls):
-        cls.name = name
-        RECIPES[name] = cls
-        return cls
-
-    return deco
-
-
-# Modules that define built-in recipes (imported on demand: each registers its recipe and any
-# config section of its own). A new recipe adds its module here.
-BUILTIN_RECIPE_MODULES = [
-    "flowlab.train.flow_matching",
-    "flowlab.noprop.recipe",
-    "flowlab.nft.recipe",
-    "flowlab.jepa.recipe",
-]
-
-
-def import_builtin_recipes() -> None:
-    import importlib
-
-    for name in BUILTIN_RECIPE_MODULES:
-        importlib.import_module(name)
+    @property
+    def num_workers(self) -> int:
+        return getattr(self.config.data, "num_workers", 0)  # image datasets only; the others are in memory
 
 
 def get_recipe(config: Config) -> Recipe:
-    import_builtin_recipes()
-
-    if config.recipe not in RECIPES:
-        from .config import ConfigError
-
-        raise ConfigError(f"recipe: unknown recipe {config.recipe!r}; available: {', '.join(sorted(RECIPES))}")
-    return RECIPES[config.recipe](config)
+    """The recipe object of ``config`` (its class is imported now, from the registry)."""
+    return recipe_class(config.recipe)(config)

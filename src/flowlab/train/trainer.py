@@ -261,7 +261,7 @@ class Trainer:
         set_seed(cfg.seed)
         self.dataset = self.recipe.build_dataset()
         if len(self.dataset) == 0:
-            raise ConfigError(f"data: the dataset {cfg.data.name!r} is empty")
+            raise ConfigError(f"data: the training dataset of recipe {cfg.recipe!r} is empty")
         model = self.recipe.build_model(self.dataset)
         params = self.recipe.parameters(model)
         optimizer = torch.optim.AdamW(
@@ -356,7 +356,7 @@ class Trainer:
     def _batches(self, start_step: int):
         """Yield ``(step, micro, batch)`` from ``start_step`` on; uses worker processes when asked."""
         t = self.config.train
-        workers = self.config.data.num_workers
+        workers = self.recipe.num_workers
         if self.in_memory or workers == 0:
             step = start_step
             while True:
