@@ -16,7 +16,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "flowlab"
 
 #: Bottom-layer modules every layer may use.
-BOTTOM = {"errors", "schema", "names"}
+BOTTOM = {"errors", "schema", "names", "fileio", "card_data"}
 #: What each lower layer may import (top-level flowlab packages / modules).
 ALLOWED = {
     "flow": BOTTOM | {"flow"},

@@ -83,7 +83,7 @@ class FlowlabRLConfig(_RLConfig):
         return self.base_config
 
     def card_data(self, repo_id: str) -> dict:
-        from ..hub.card_data import flow_pipeline_card_data
+        from ..card_data import flow_pipeline_card_data
 
         return flow_pipeline_card_data(repo_id, class_labels=f"[{self.class_labels[0]}] * 16" if self.class_labels else None)
 
@@ -105,7 +105,7 @@ class SD3RLConfig(_RLConfig):
 
     def card_data(self, repo_id: str) -> dict:
         """Model-card fields: a LoRA loads into the base pipeline; a full fine-tune replaces its transformer."""
-        from ..hub.card_data import looks_like_repo_id
+        from ..card_data import looks_like_repo_id
 
         base = self.base if looks_like_repo_id(self.base) else "<base model repo id>"
         if self.lora_rank > 0:

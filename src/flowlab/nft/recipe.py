@@ -37,7 +37,7 @@ from ..flow.sde import MarginalSDE
 from ..flow.solvers import time_grid
 from ..flow.time_samplers import build_time_sampler
 from ..errors import ConfigError
-from ..hub.card_data import looks_like_repo_id
+from ..card_data import looks_like_repo_id
 from ..train.config import Config, load_config
 from ..train.recipe import Recipe, StepContext, StepOutput
 from .advantages import group_advantages, optimality_probability

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..errors import TrainingError
 from ..fileio import atomic_write_text
-from ..hub.card_data import REPO_ID, write_card_data
+from ..card_data import REPO_ID, write_card_data
 from .checkpoint import (
     CHECKPOINT_PREFIX,
     CheckpointError,

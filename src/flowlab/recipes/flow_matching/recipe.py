@@ -6,7 +6,7 @@ from torch import nn
 
 from ...errors import ConfigError
 from ...flow import FlowMatchingLoss, build_coupling, build_time_sampler, get_path
-from ...hub.card_data import flow_pipeline_card_data, looks_like_repo_id
+from ...card_data import flow_pipeline_card_data, looks_like_repo_id
 from ...models import MODEL_TYPES, set_attention_backend
 from ...pipelines import FlowPipeline, FlowScheduler
 from ...train.config import Config
