@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -182,7 +183,7 @@ class NoPropRecipe(Recipe):
     # ------------------------------------------------------------------ losses
     @staticmethod
     def _unwrap(model) -> NoPropClassifier:
-        return getattr(model, "module", model)
+        return extract_model_from_parallel(model)
 
     @staticmethod
     def _generator(ctx: StepContext, base: int, unit: int) -> torch.Generator:
