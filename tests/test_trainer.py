@@ -255,3 +255,15 @@ def test_trim_metrics_keeps_what_a_checkpoint_covers(tmp_path):
     run.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 2')
     run.trim_metrics(10)
     assert [json.loads(line) for line in run.metrics_path.read_text().splitlines()] == lines[:3]
+
+
+def test_accelerate_lomo_probe_is_cached_with_the_same_answer(tmp_path):
+    """AcceleratedOptimizer.step asks is_lomo_available() twice per step; the trainer caches it."""
+    import accelerate.optimizer
+    from accelerate.utils import is_lomo_available
+
+    Trainer(load_config(None, tiny_overrides(tmp_path / "x")))
+    probe = accelerate.optimizer.is_lomo_available
+    assert probe.cache_info is not None and probe() == is_lomo_available()
+    Trainer(load_config(None, tiny_overrides(tmp_path / "y")))  # a second trainer does not wrap it twice
+    assert accelerate.optimizer.is_lomo_available is probe
