@@ -86,17 +86,29 @@ def block_here():
         time.sleep(3600)
 
 
+received = []
+
+
 def wait_for_signal():
-    """Tell the test where we are, then wait until it has sent its signal (which the trainer records)."""
+    """Tell the test where we are, then wait until the trainer's handler has recorded a signal."""
     with open(marker + ".part", "w") as f:
         f.write(str(os.getpid()))
     os.replace(marker + ".part", marker)
-    while not os.path.exists(marker + ".sent"):
+    while not received:
         time.sleep(0.01)
 
 
 if mode == "signal":  # SIGINT/SIGTERM arrives during step `stop` (0-based)
+    import flowlab.train.interrupt as interrupt
     from flowlab.train.flow_matching import FlowMatchingRecipe
+
+    real_handle = interrupt.StopSignals._handle
+
+    def _handle(self, signum, frame):
+        received.append(signum)
+        real_handle(self, signum, frame)
+
+    interrupt.StopSignals._handle = _handle
 
     real_step = FlowMatchingRecipe.training_step
 
@@ -261,7 +273,6 @@ def test_signal_saves_a_checkpoint_and_resume_is_exact(tmp_path, reference, caps
                 time.sleep(0.05)
             assert int(marker.read_text()) == proc.pid
             os.kill(proc.pid, getattr(signal, signame))
-            (tmp_path / "at-signal.sent").write_text("")
             rc = proc.wait(timeout=600)
         finally:
             if proc.poll() is None:
@@ -514,3 +525,70 @@ def test_sigkill_of_a_two_process_run_during_a_checkpoint_write(tmp_path, refere
     steps = [_json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
     assert steps == [10, 20, 30, 40]
     assert _steps(out) == [20, 30, 40] and _leftovers(out) == []
+
+
+def test_stop_signals_record_once_and_abort_on_a_repeat():
+    """The first signal is recorded (the run saves and stops at the next step); the launcher's SIGTERM
+    after a terminal's SIGINT changes nothing; the same signal twice interrupts at once; the previous
+    handlers come back."""
+    from flowlab.train.interrupt import StopSignals
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with StopSignals() as s:
+        assert s.received == 0
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert s.received == signal.SIGINT
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert s.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_two_process_launch_saves_and_resumes(tmp_path, reference):
+    """SIGTERM to ``accelerate launch`` (as a scheduler preempting a job): the launcher forwards it to
+    both gloo workers, which agree, save checkpoint-(stop+1) together and exit; a 2-process resume
+    ends where the uninterrupted 1-process run does (up to round-off between process counts)."""
+    import socket
+
+    from conftest import launch_two_cpu_processes
+
+    out, stop = tmp_path / "run", 13
+    args = _args(out)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    driver, marker, log_path = tmp_path / "driver.py", tmp_path / "at-signal", tmp_path / "signal.log"
+    driver.write_text(DRIVER)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([*launcher, str(driver), ROOT, "signal", str(marker), str(stop), *args], cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+        try:
+            deadline = time.monotonic() + 600
+            while not marker.exists():
+                if proc.poll() is not None:
+                    pytest.fail(f"the run ended (rc {proc.returncode}) before step {stop}:\n" + log_path.read_text()[-3000:])
+                assert time.monotonic() < deadline, "driver never reached the signal point"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=600) != 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = log_path.read_text()
+    assert "2 process(es) [MULTI_CPU]" in text, text[-3000:]
+    assert f"stopped by SIGTERM after step {stop + 1} of 40" in text, text[-3000:]
+    assert _steps(out) == [10, stop + 1] and _leftovers(out) == []
+    log = launch_two_cpu_processes(*args, "train.resume=latest")
+    assert f"checkpoint-{stop + 1} at step {stop + 1}" in log
+    ref, got = _weights(reference), _weights(out)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4)
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [10, 20, 30, 40]

@@ -2,8 +2,11 @@
 
 While a :class:`StopSignals` is active, the first SIGINT or SIGTERM is only recorded: the trainer
 asks :meth:`StopSignals.agreed` at every step boundary, and once any process has seen a signal every
-process saves the same checkpoint and stops together (``TrainingInterrupted``). A second signal
-while that is under way raises ``KeyboardInterrupt`` at once, for a user who does not want to wait.
+process saves the same checkpoint and stops together (``TrainingInterrupted``). The same signal
+a second time raises ``KeyboardInterrupt`` at once, for a user who does not want to wait. The other
+signal after the first is ignored: a Ctrl-C under ``accelerate launch`` reaches the workers as
+SIGINT from the terminal and then as SIGTERM from the launcher shutting them down (which sends
+SIGKILL some 30 s later, so the checkpoint must fit in that time).
 """
 from __future__ import annotations
 
@@ -30,10 +33,11 @@ class StopSignals:
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame) -> None:
-        if self.received:
+        if self.received == signum:  # asked twice: stop now
             self._restore()
             raise KeyboardInterrupt
-        self.received = signum
+        if not self.received:
+            self.received = signum
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
