@@ -10,7 +10,7 @@ optimiser: class-conditional ``MLPVelocity``, AdamW, EMA, clipping at 1.0, ``rep
 no sampling / evaluation / checkpoints while timing) against a bare PyTorch loop doing the same
 per-step work on the same model, batch and in-memory digits tensor: random batch by index,
 noise, logit-normal ``t``, label dropout, linear path, velocity MSE, backward,
-``clip_grad_norm_``, ``AdamW.step``, an EMA update (diffusers ``EMAModel(foreach=True)``, as the
+``clip_grad_norm_``, ``AdamW.step``, an EMA update (``flowlab.train.ema.InPlaceEMA``, as the
 trainer uses) and ``zero_grad``. The trainer is timed by its own per-window ``steps_per_sec``
 in ``metrics.jsonl`` (window = ``train.log_every``; the first window(s) are warm-up and are
 dropped; logging, start-up and the final sample/checkpoint are outside the windows); the bare
@@ -244,9 +244,8 @@ def run_flowlab(args, output_dir: Path, profile: cProfile.Profile | None = None)
 
 def run_bare(args, x: torch.Tensor, y: torch.Tensor, cfg, profile: cProfile.Profile | None = None) -> dict[str, Any]:
     """The same per-step work as the trainer, written as a plain PyTorch loop."""
-    from diffusers.training_utils import EMAModel
-
     from flowlab.models import MLPVelocity
+    from flowlab.train.ema import InPlaceEMA
 
     m, t, f = cfg.model, cfg.train, cfg.flow
     torch.manual_seed(args.seed)
@@ -256,7 +255,7 @@ def run_bare(args, x: torch.Tensor, y: torch.Tensor, cfg, profile: cProfile.Prof
     )
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
-    ema = EMAModel(model.parameters(), decay=t.ema_decay, foreach=True)
+    ema = InPlaceEMA(model.parameters(), decay=t.ema_decay)
     g = torch.Generator().manual_seed(args.seed)
     n, b, null = x.shape[0], t.batch_size, 10
     p_drop, max_norm = m.label_dropout, t.max_grad_norm
@@ -360,7 +359,7 @@ def bench_trainer(args, workdir: Path) -> dict[str, Any]:
         "batch_size": t.batch_size,
         "model": {"type": "mlp", "hidden_dim": m.hidden_dim, "depth": m.depth, "time_embed_dim": m.time_embed_dim,
                   "class_conditional": True, "num_params": _num_params(m)},
-        "ema": "diffusers EMAModel(foreach=True) in both loops",
+        "ema": "flowlab InPlaceEMA (diffusers EMAModel state, in-place foreach lerp) in both loops",
         "target": TARGET_OVERHEAD,
         "within_target": med(ratios) <= TARGET_OVERHEAD,
     }

@@ -55,6 +55,7 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from .errors import CheckpointError, ConfigError, DataError, TrainingError
     from .recipes import load_config, train
     from .train.config import check_hub_config
+    from .errors import TrainingInterrupted
 
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     try:
@@ -71,6 +72,10 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         _close_progress_bars()
         print(f"flowlab: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:  # SIGINT/SIGTERM: a checkpoint of the last step was saved
+        _close_progress_bars()
+        print(f"flowlab: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         _close_progress_bars()
         print("flowlab: interrupted; resume with train.resume=latest", file=sys.stderr)

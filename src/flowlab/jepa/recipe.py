@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import Tensor
 
 from ..data.base import DataError
@@ -110,7 +111,7 @@ class _ReversalRecipe(Recipe):
 
     @staticmethod
     def _unwrap(model):
-        return getattr(model, "module", model)
+        return extract_model_from_parallel(model)
 
     def evaluate(self, model, generator) -> dict:
         return evaluate_reversal(self._unwrap(model), self.data, self.config.reversal.eval_max_queries)

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import math
 import os
+from abc import abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 
 from ..flow.conventions import PREDICTION_T_EPS
@@ -163,7 +165,7 @@ class RLRecipe(Recipe):
 
     # ----------------------------------------------------------------- rollouts and rewards
     def _policy(self, model: nn.Module) -> Policy:
-        return model.module if hasattr(model, "module") else model
+        return extract_model_from_parallel(model)
 
     def _field(self, policy: Policy, cond, role: str):
         return policy.field(cond, role, self.rl.guidance_scale)
@@ -192,9 +194,9 @@ class RLRecipe(Recipe):
         """Rows per rollout chunk (``rl.rollout_chunks`` chunks), for sampling and for scoring."""
         return max(1, math.ceil(n / self.rl.rollout_chunks))
 
+    @abstractmethod
     def rollout(self, policy: Policy, batch: dict, ctx: StepContext) -> Rollout:
         """Sample the local rows' ``G`` samples each (noise drawn for the global batch, then sliced)."""
-        raise NotImplementedError
 
     def _advantages(self, rewards: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor, dict]:
         """Group advantages over the whole global micro-batch (rewards gathered from every process)."""
@@ -222,9 +224,6 @@ class RLRecipe(Recipe):
         return adv.advantages[sl].to(ctx.device), adv.valid[sl].to(ctx.device), logs
 
     # ----------------------------------------------------------------- the step
-    def training_step(self, model, batch, ctx):  # pragma: no cover - the recipes yield parts
-        raise RuntimeError("RL recipes train through training_losses")
-
     def training_losses(self, model: nn.Module, batch: dict, ctx: StepContext) -> Iterator[StepOutput]:
         policy = self._policy(model)
         with torch.no_grad():
@@ -242,8 +241,10 @@ class RLRecipe(Recipe):
         n, k = ro.x.shape[0], self._chunk_size(ro.x.shape[0])
         return [(ro.x[i : i + k], ro.conditions[i : i + k]) for i in range(0, n, k)]
 
+    @abstractmethod
     def method_losses(self, model, policy, ro: Rollout, adv: Tensor, valid: Tensor, ctx: StepContext) -> Iterator[StepOutput]:
-        raise NotImplementedError
+        """The method's loss on rollouts ``ro`` with advantages ``adv`` (``valid``: scored samples), in
+        parts (one per chunk of training timesteps)."""
 
     # ----------------------------------------------------------------- evaluation and saving
     @torch.no_grad()

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -149,7 +150,7 @@ class NoPropRecipe(DataSectionRecipe):
     # ------------------------------------------------------------------ losses
     @staticmethod
     def _unwrap(model) -> NoPropClassifier:
-        return getattr(model, "module", model)
+        return extract_model_from_parallel(model)
 
     @staticmethod
     def _generator(ctx: StepContext, base: int, unit: int) -> torch.Generator:

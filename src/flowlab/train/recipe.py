@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -69,7 +69,8 @@ class StepOutput:
 
 
 class Recipe(ABC):
-    """A training method. Subclasses build the data and model and compute the loss of one step."""
+    """A training method. Subclasses build the data and model and compute the loss of one step
+    (``training_step``, or :meth:`training_losses` for a loss in parts)."""
 
     name: str = "recipe"
     artifact_name: str = "pipeline"  # folder under output_dir that save_final writes
@@ -104,9 +105,18 @@ class Recipe(ABC):
         """Parameters handed to the optimiser."""
         return [p for p in model.parameters() if p.requires_grad]
 
-    @abstractmethod
-    def training_step(self, model: nn.Module, batch: dict, ctx: StepContext) -> StepOutput:
-        """Loss of one micro-batch (this process's part of it)."""
+    #: ``training_step(model, batch, ctx) -> StepOutput``: the loss of one micro-batch (this process's
+    #: part of it). A single-loss recipe defines this; a recipe whose loss comes in parts defines
+    #: :meth:`training_losses` instead (one of the two is required).
+    training_step: Callable[[nn.Module, dict, StepContext], StepOutput]
+
+    def __new__(cls, *args, **kwargs):
+        if cls.training_losses is Recipe.training_losses and not callable(getattr(cls, "training_step", None)):
+            raise TypeError(
+                f"recipe {cls.__name__} defines neither training_step (one loss per micro-batch) nor "
+                "training_losses (a loss in parts); define one of them"
+            )
+        return super().__new__(cls)
 
     # Optional hooks for recipes whose loss is a sum of independent local losses (e.g. NoProp's blocks).
     # The defaults keep the ordinary single-loss, data-parallel behaviour.
@@ -117,13 +127,16 @@ class Recipe(ABC):
     #: evaluation, checkpoints and the final save.
     data_parallel: bool = True
 
-    def training_losses(self, model: nn.Module, batch: dict, ctx: StepContext) -> Iterator[StepOutput]:
-        """Losses of one micro-batch, each back-propagated by the trainer as soon as it is yielded
-        (before the next one is computed), so only one part's activations are alive at a time.
-        Gradients of all parts accumulate into one optimiser step. Default: :meth:`training_step`.
+    def training_losses(self, model: nn.Module, batch: dict, ctx: StepContext) -> Iterable[StepOutput]:
+        """Losses of one micro-batch: what the trainer calls. Each part is back-propagated as soon as
+        it is produced (before the next one is computed, e.g. by a generator), so only one part's
+        activations are alive at a time; gradients of all parts accumulate into one optimiser step.
         Several parts are meant for ``data_parallel = False`` recipes (a DDP-wrapped model expects one
-        backward per forward of the wrapper)."""
-        yield self.training_step(model, batch, ctx)
+        backward per forward of the wrapper).
+
+        Default: the one loss of ``training_step``, as a one-element tuple (no generator round trip
+        for the common single-loss step)."""
+        return (self.training_step(model, batch, ctx),)
 
     def parameter_owners(self, model: nn.Module, num_processes: int) -> dict[str, int] | None:
         """For ``data_parallel = False``: the process that trains each named parameter / buffer of the
