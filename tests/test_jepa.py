@@ -184,6 +184,53 @@ def test_answer_ranks_all_entities():
         m.answer(d.num_entities, r)
 
 
+def test_entity_concepts_cache_is_reused_and_invalidated_by_parameter_updates():
+    """answer() reuses the entity concepts between queries, and any weight change recomputes them."""
+    d = _data()
+    m = _jepa(d).eval()
+    fresh = lambda: m.entity_concepts().detach()  # noqa: E731  (uncached, with autograd on)
+    h, r = 5, 1
+    first = m.answer(h, r, top_k=None)
+    with torch.no_grad():
+        cached = m.all_entity_concepts()
+        assert m.all_entity_concepts() is cached  # a cache hit: same tensor, no recomputation
+    assert torch.equal(cached, fresh())
+    assert m.answer(h, r, top_k=None) == first
+
+    # an optimiser step (in-place update of the parameters) invalidates it
+    m.train()
+    train = d.facts_tensor("train")
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    m(train[:, 0], train[:, 1], train[:, 2]).loss.backward()
+    opt.step()
+    m.eval()
+    with torch.no_grad():
+        after_step = m.all_entity_concepts()
+    assert after_step is not cached and not torch.equal(after_step, cached)
+    assert torch.equal(after_step, fresh())
+    assert m.answer(h, r, top_k=None) != first
+
+    # in eval mode, without any train()/eval() call: no_grad in-place updates and load_state_dict
+    with torch.no_grad():
+        m.answer(h, r)
+        m.token_embed.weight.mul_(0.5)
+        assert torch.equal(m.all_entity_concepts(), fresh())
+        m.load_state_dict(_jepa(d).state_dict())
+        assert torch.equal(m.all_entity_concepts(), fresh())
+    assert m.answer(h, r, top_k=None) == first  # the original weights are back: the original answers
+
+    # writes through .data bypass the version counter; entering training mode clears the cache
+    with torch.no_grad():
+        m.all_entity_concepts()
+    m.token_embed.weight.data.mul_(2.0)
+    m.train().eval()
+    with torch.no_grad():
+        assert torch.equal(m.all_entity_concepts(), fresh())
+    # in training mode the concepts are never cached and carry gradients
+    m.train()
+    assert m.all_entity_concepts().requires_grad
+
+
 def test_a_trained_jepa_answers_its_facts():
     """Behaviour, not just shapes: a few hundred steps on 100 entities learn the trained facts."""
     d = _data()

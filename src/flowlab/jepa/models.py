@@ -21,6 +21,7 @@ Scores are returned as probabilities renormalised over the known entities.
 from __future__ import annotations
 
 import inspect
+import itertools
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -282,6 +283,9 @@ class JEPAConceptModel(EntityQueryMixin, PreTrainedModel):
       every entity and relation patch of the batch), the tail's concept being the target; targets come
       from the same encoder, with gradients.
     * **Decoding**: nearest neighbour (cosine) among the concepts of all known entities.
+
+    The concepts of all entities (:meth:`all_entity_concepts`) are cached between queries in eval mode
+    without autograd; see that method for when the cache is recomputed.
     """
 
     config_class = JEPAConfig
@@ -308,6 +312,7 @@ class JEPAConceptModel(EntityQueryMixin, PreTrainedModel):
         self.post_init()
         if config.memory:
             self.memory.set_keys(self._memory_keys())
+        self._entity_concepts_cache: Optional[tuple[tuple, Tensor]] = None
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -364,6 +369,35 @@ class JEPAConceptModel(EntityQueryMixin, PreTrainedModel):
         toks = self.entity_token_ids if entities is None else self.entity_token_ids[entities]
         return self.encode_patches(toks, torch.full((len(toks),), toks.shape[1], device=toks.device))
 
+    def _weights_key(self) -> tuple:
+        """What the entity concepts depend on: storage, version counter, dtype and device of every parameter
+        and buffer. ``Tensor._version`` is bumped by every in-place write (optimiser steps, ``load_state_dict``,
+        ``copy_``, ``torch.no_grad()`` updates); a new tensor (``.to()``, ``p.data = ...``) has a new storage."""
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in itertools.chain(self.parameters(), self.buffers()))
+
+    def all_entity_concepts(self) -> Tensor:
+        """Concepts ``(N, d)`` of every known entity.
+
+        In eval mode with autograd off (queries: :meth:`answer`, :meth:`rank_entities`) the result is cached and
+        reused while :meth:`_weights_key` is unchanged, so a query costs one predictor pass and one ``(1, N)``
+        similarity instead of re-encoding all ``N`` entities. Any parameter update recomputes it, and so does
+        switching to training mode (``train()``), which clears the cache; in-place writes through ``p.data``
+        bypass the version counter, so call ``train()`` / ``eval()`` after such edits. In training mode or with
+        autograd on, the concepts are always recomputed (and carry gradients).
+        """
+        if self.training or torch.is_grad_enabled():
+            return self.entity_concepts()
+        key = self._weights_key()
+        if self._entity_concepts_cache is None or self._entity_concepts_cache[0] != key:
+            self._entity_concepts_cache = (key, self.entity_concepts())
+        return self._entity_concepts_cache[1]
+
+    def train(self, mode: bool = True) -> "JEPAConceptModel":
+        """``nn.Module.train``; entering training mode clears the cached entity concepts."""
+        if mode:
+            self._entity_concepts_cache = None
+        return super().train(mode)
+
     def relation_concepts(self, relations: Tensor) -> Tensor:
         """Concepts ``(n, d)`` of relation ids ``(n,)``."""
         toks = self.relation_token_ids[relations][:, None]
@@ -413,7 +447,7 @@ class JEPAConceptModel(EntityQueryMixin, PreTrainedModel):
 
     def score_entities(self, heads: Tensor, relations: Tensor) -> Tensor:
         """Log-softmax over all entities ``(Q, N)`` of ``cos(prediction, c_e) / tau``."""
-        all_c = self.entity_concepts()
+        all_c = self.all_entity_concepts()
         pred = self.predict(all_c[heads], self.relation_concepts(relations))
         return self.similarity(pred, all_c).float().log_softmax(-1)
 
