@@ -180,6 +180,14 @@ class ReversalGPT2(EntityQueryMixin, GPT2LMHeadModel):
 
     def __init__(self, config: ReversalGPT2Config):
         super().__init__(config)
+        # transformers picks the loss from the class name, and "ReversalGPT2" names none (it warned and fell
+        # back to the causal-LM loss on every run): say which one it is
+        self.loss_type = "ForCausalLM"
+        # the LM head is tied to the token embedding (one tensor under two names): state dicts list it once, under
+        # the embedding's name, as safetensors stores it (accelerate's checkpoints otherwise drop the alias and warn
+        # on every save), and loading accepts state dicts with or without the alias
+        self.register_state_dict_post_hook(_drop_tied_aliases)
+        self.register_load_state_dict_pre_hook(_restore_tied_aliases)
         self._register_vocab(config)
         if not config.position_embeddings:
             with torch.no_grad():
@@ -231,6 +239,26 @@ class ReversalGPT2(EntityQueryMixin, GPT2LMHeadModel):
             lp = lp.log_softmax(-1).view(Q, U, -1)
             logp = logp + lp[:, inv, ents[:, k]]
         return logp.log_softmax(-1)
+
+
+def _tied_aliases(model: "ReversalGPT2") -> list[tuple[str, str]]:
+    """``(alias, target)`` names of the parameters tied right now (``lm_head.weight`` -> ``transformer.wte.weight``)."""
+    keys = getattr(model, "_tied_weights_keys", None) or {}
+    pairs = keys.items() if isinstance(keys, dict) else []
+    return [(a, t) for a, t in pairs if model.get_parameter(a) is model.get_parameter(t)]
+
+
+def _drop_tied_aliases(model: "ReversalGPT2", state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for alias, target in _tied_aliases(model):
+        if prefix + target in state_dict:
+            state_dict.pop(prefix + alias, None)
+
+
+def _restore_tied_aliases(model: "ReversalGPT2", state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                          missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    for alias, target in _tied_aliases(model):
+        if prefix + alias not in state_dict and prefix + target in state_dict:
+            state_dict[prefix + alias] = state_dict[prefix + target]
 
 
 # --------------------------------------------------------------------------- JEPA concept model
@@ -285,7 +313,7 @@ class JEPAConceptModel(EntityQueryMixin, PreTrainedModel):
     * **Decoding**: nearest neighbour (cosine) among the concepts of all known entities.
 
     The concepts of all entities (:meth:`all_entity_concepts`) are cached between queries in eval mode
-    without autograd; see that method for when the cache is recomputed.
+    without autograd, and recomputed whenever the weights change.
     """
 
     config_class = JEPAConfig
@@ -312,7 +340,7 @@ class JEPAConceptModel(EntityQueryMixin, PreTrainedModel):
         self.post_init()
         if config.memory:
             self.memory.set_keys(self._memory_keys())
-        self._entity_concepts_cache: Optional[tuple[tuple, Tensor]] = None
+        self._entity_concepts_cache: Optional[tuple[list[Tensor], Tensor]] = None  # (weights, concepts)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -369,34 +397,23 @@ class JEPAConceptModel(EntityQueryMixin, PreTrainedModel):
         toks = self.entity_token_ids if entities is None else self.entity_token_ids[entities]
         return self.encode_patches(toks, torch.full((len(toks),), toks.shape[1], device=toks.device))
 
-    def _weights_key(self) -> tuple:
-        """What the entity concepts depend on: storage, version counter, dtype and device of every parameter
-        and buffer. ``Tensor._version`` is bumped by every in-place write (optimiser steps, ``load_state_dict``,
-        ``copy_``, ``torch.no_grad()`` updates); a new tensor (``.to()``, ``p.data = ...``) has a new storage."""
-        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in itertools.chain(self.parameters(), self.buffers()))
-
     def all_entity_concepts(self) -> Tensor:
         """Concepts ``(N, d)`` of every known entity.
 
-        In eval mode with autograd off (queries: :meth:`answer`, :meth:`rank_entities`) the result is cached and
-        reused while :meth:`_weights_key` is unchanged, so a query costs one predictor pass and one ``(1, N)``
-        similarity instead of re-encoding all ``N`` entities. Any parameter update recomputes it, and so does
-        switching to training mode (``train()``), which clears the cache; in-place writes through ``p.data``
-        bypass the version counter, so call ``train()`` / ``eval()`` after such edits. In training mode or with
+        In eval mode with autograd off (queries: :meth:`answer`, :meth:`rank_entities`) the result is cached with
+        a copy of the weights it was computed from (every parameter and buffer) and reused while the weights are
+        equal to that copy, so a query costs one predictor pass, one ``(1, N)`` similarity and a comparison of
+        the weights instead of re-encoding all ``N`` entities. Comparing values rather than version counters also
+        catches writes that bypass them (``p.data.copy_``, as EMA weight swaps do). In training mode or with
         autograd on, the concepts are always recomputed (and carry gradients).
         """
         if self.training or torch.is_grad_enabled():
             return self.entity_concepts()
-        key = self._weights_key()
-        if self._entity_concepts_cache is None or self._entity_concepts_cache[0] != key:
-            self._entity_concepts_cache = (key, self.entity_concepts())
-        return self._entity_concepts_cache[1]
-
-    def train(self, mode: bool = True) -> "JEPAConceptModel":
-        """``nn.Module.train``; entering training mode clears the cached entity concepts."""
-        if mode:
-            self._entity_concepts_cache = None
-        return super().train(mode)
+        weights = [t.detach() for t in itertools.chain(self.parameters(), self.buffers())]
+        cache = self._entity_concepts_cache
+        if cache is None or not _equal_tensors(cache[0], weights):
+            cache = self._entity_concepts_cache = ([w.clone() for w in weights], self.entity_concepts())
+        return cache[1]
 
     def relation_concepts(self, relations: Tensor) -> Tensor:
         """Concepts ``(n, d)`` of relation ids ``(n,)``."""
@@ -450,6 +467,13 @@ class JEPAConceptModel(EntityQueryMixin, PreTrainedModel):
         all_c = self.all_entity_concepts()
         pred = self.predict(all_c[heads], self.relation_concepts(relations))
         return self.similarity(pred, all_c).float().log_softmax(-1)
+
+
+def _equal_tensors(a: Sequence[Tensor], b: Sequence[Tensor]) -> bool:
+    """Same length, and pairwise the same shape, dtype, device and values."""
+    return len(a) == len(b) and all(
+        x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y) for x, y in zip(a, b)
+    )
 
 
 def _register_auto_classes() -> None:
