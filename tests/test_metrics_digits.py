@@ -288,12 +288,13 @@ def test_cli_pipeline_sampling_with_fake_pipeline(evaluator):
 
 
 def test_cli_script_subprocess(cache_dir, tmp_path):
-    """The script runs as ``python eval/digits.py`` without PYTHONPATH (falls back to src/)."""
+    """The script runs as ``python eval/digits.py`` from any folder, importing the installed package
+    (here this checkout's ``src/``, as ``pip install -e .`` would make it importable); it never edits sys.path."""
     import subprocess
     import sys
 
     out = tmp_path / "r.json"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.run(
         [sys.executable, str(REPO / "eval" / "digits.py"), "--real-test", "--quiet", "--cache-dir", str(cache_dir), "--json", str(out)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
