@@ -48,15 +48,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-try:
-    import flowlab  # noqa: F401
-except ImportError:  # not installed: use the repository's src/
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    for _name in [m for m in sys.modules if m == "flowlab" or m.startswith("flowlab.")]:
-        del sys.modules[_name]
-
 import torch
 
+RUNTIME = """Runtime of the default run (the shared 2-core CPU, --threads 1; docs/benchmarks.md): about 8 min
+on a quiet machine (492 s: part (a) ~200 s, training the quickstart pipeline 197 s, part (b) ~90 s),
+about 15 min when other jobs share the cores (888 s). --pipeline skips the training; --quick takes seconds."""
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "quickstart.yaml"
 SECOND_ORDER = ("midpoint", "heun", "multistep")
@@ -76,7 +72,8 @@ def _ints(s: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=RUNTIME,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small version: fewer steps, repeats and samples (smoke test)")
     p.add_argument("--config", type=str, default=str(DEFAULT_CONFIG), help="base config (default: configs/quickstart.yaml)")
     p.add_argument("--workdir", type=str, default=None, help="where runs go (default: a temporary folder, removed at the end)")

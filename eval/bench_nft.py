@@ -28,8 +28,10 @@ import sys
 import tempfile
 import time
 
+RUNTIME = """Runtime of the default run (the 2-core CPU, 1 torch thread; docs/benchmarks.md): about 15 min on a
+quiet machine (the 4-rate grid x 2 methods on seed 0, then each chosen rate on seeds 1 and 2). It needs
+the base pipeline first: python train.py --config configs/quickstart.yaml (about 2.5 min)."""
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "src"))
 
 
 def smooth(values: list[float], k: int) -> list[float]:
@@ -135,7 +137,8 @@ def add_ratios(results: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=RUNTIME,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default=os.path.join(ROOT, "runs/quickstart/pipeline"), help="FlowPipeline to fine-tune")
     p.add_argument("--target", type=int, default=3)
     p.add_argument("--budget", type=int, default=9600, help="rollouts per run (both methods)")
