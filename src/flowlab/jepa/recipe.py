@@ -29,6 +29,8 @@ from ..data.reversal import (
 )
 from ..train.config import Config, ConfigError, register_config_section
 from ..train.recipe import Recipe, StepContext, StepOutput, register_recipe
+from ..data.forward_chaining import ForwardChainingData, write_forward_chaining_data
+from .chain import build_chain_data, evaluate_forward_chaining
 from .metrics import ranking_metrics
 from .models import JEPAConceptModel, JEPAConfig, ReversalGPT2, ReversalGPT2Config
 
@@ -85,7 +87,10 @@ register_config_section("reversal", ReversalConfig)
 
 
 def build_reversal_data(config: Config) -> ReversalData:
-    """The run's dataset: read from ``reversal.data_dir`` or generated from the ``reversal.*`` sizes."""
+    """The run's dataset: read from ``reversal.data_dir`` or generated from the ``reversal.*`` sizes
+    (the forward-chaining data of ``chain:`` when ``chain.enabled``)."""
+    if config.chain.enabled:
+        return build_chain_data(config)
     r = config.reversal
     if r.data_dir is not None:
         if not os.path.isdir(r.data_dir):
@@ -153,11 +158,16 @@ class _ReversalRecipe(Recipe):
         return getattr(model, "module", model)
 
     def evaluate(self, model, generator) -> dict:
+        if isinstance(self.data, ForwardChainingData):
+            return evaluate_forward_chaining(self._unwrap(model), self.data, self.config.chain.eval_max_queries)
         return evaluate_reversal(self._unwrap(model), self.data, self.config.reversal.eval_max_queries)
 
     def save_final(self, model, directory: str) -> None:
         self._unwrap(model).save_pretrained(directory)
-        write_reversal_data(self.data, Path(directory) / "data")
+        if isinstance(self.data, ForwardChainingData):
+            write_forward_chaining_data(self.data, Path(directory) / "data")
+        else:
+            write_reversal_data(self.data, Path(directory) / "data")
 
     #: the model class ``card_data`` names in its usage snippet
     model_class = "JEPAConceptModel"
