@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from ..data.base import DataError
 from ..data.forward_chaining import (
@@ -24,9 +26,9 @@ from ..data.forward_chaining import (
     read_forward_chaining_data,
 )
 from ..train.config import Config, ConfigError, register_config_section
-from .metrics import gold_ranks, ranking_metrics
+from .metrics import gold_ranks
 
-__all__ = ["ChainConfig", "build_chain_data", "evaluate_forward_chaining", "chain_query_counts"]
+__all__ = ["ChainConfig", "build_chain_data", "concept_regression_loss", "evaluate_forward_chaining", "chain_query_counts"]
 
 
 @dataclass
@@ -47,6 +49,9 @@ class ChainConfig:
     leaf_links: int = field(default=6, metadata={"min": 1})  # facts from each last-level node to the core
     data_seed: Optional[int] = field(default=None, metadata={"min": 0})  # None: the run's seed
     eval_max_queries: Optional[int] = field(default=None, metadata={"min": 1})  # periodic eval: first N per split
+    # reversal_jepa: weight of the JEPA regression term 1 - cos(prediction, tail concept) added to the
+    # contrastive loss; it pulls a deduced concept onto its prediction instead of merely closest to it
+    regression_weight: float = field(default=0.0, metadata={"min": 0.0})
 
 
 register_config_section("chain", ChainConfig)
@@ -71,6 +76,31 @@ def build_chain_data(config: Config) -> ForwardChainingData:
         raise ConfigError(str(e)) from None
 
 
+def concept_regression_loss(model, heads: Tensor, relations: Tensor, tails: Tensor) -> Tensor:
+    """JEPA regression term ``mean_b (1 - cos(P(c_h, c_r), c_t))`` of a :class:`~flowlab.jepa.JEPAConceptModel`
+    on facts ``(B,)`` ids; the gradient reaches the prediction *and* the tail concept (no stop-gradient, as in
+    the contrastive loss).
+
+    The contrastive loss only asks the tail's concept to be the *closest* candidate to the prediction, so a
+    concept deduced from facts (a bridge's) ends near, not at, the concepts of its value, and every further
+    hop and the ``<=>`` read-out start from off the trained points; the regression term removes that gap.
+    """
+    pred = model.predict(model.entity_concepts(heads), model.relation_concepts(relations))
+    return (1.0 - F.cosine_similarity(pred, model.entity_concepts(tails), dim=-1)).mean()
+
+
+def _gold_ranks_and_top(model, facts: Tensor, batch_size: int, chunk: int = 4096) -> tuple[Tensor, Tensor]:
+    """Rank of each gold tail among all entities and the top-ranked entity, ``(Q,)`` each, for ``(Q, 3)``
+    facts; ``chunk`` queries at a time, so ``(chunk, N)`` scores are alive at once (N can be ~10^5)."""
+    ranks, top = [], []
+    for i in range(0, len(facts), chunk):
+        f = facts[i:i + chunk]
+        scores = model.rank_entities(f[:, 0], f[:, 1], batch_size=batch_size)
+        ranks.append(gold_ranks(scores, f[:, 2].to(scores.device)).cpu())
+        top.append(scores.argmax(1).cpu())
+    return torch.cat(ranks), torch.cat(top)
+
+
 def _fact_accuracy(model, data: ForwardChainingData, split: str, max_queries: Optional[int], batch_size: int) -> float:
     """Value-level accuracy on the facts of ``split``: the top-ranked entity has the tail's value and is a
     value concept exactly when the tail is one. (A query ``(c, <+k>)`` has many right tails — every core
@@ -79,7 +109,7 @@ def _fact_accuracy(model, data: ForwardChainingData, split: str, max_queries: Op
     f = data.facts_tensor(split)[:max_queries]
     if len(f) == 0:
         return float("nan")
-    pred = model.rank_entities(f[:, 0], f[:, 1], batch_size=batch_size).argmax(1)
+    _, pred = _gold_ranks_and_top(model, f, batch_size)
     is_value = torch.tensor([k == "value" for k in data.kinds])
     values = torch.tensor(data.values)
     gold = f[:, 2]
@@ -91,7 +121,7 @@ def evaluate_forward_chaining(model, data: ForwardChainingData, max_queries: Opt
     """Accuracy of a reversal model on the forward-chaining data.
 
     The value queries ``(e, <=>, ?)`` rank the gold value concept among *all* entities (ties against
-    it, :func:`~flowlab.jepa.metrics.ranking_metrics`).
+    it, :func:`~flowlab.jepa.metrics.gold_ranks`): accuracy ``P(rank = 1)``, MRR ``mean(1 / rank)``.
 
     Args:
         model: a :class:`~flowlab.jepa.JEPAConceptModel` or :class:`~flowlab.jepa.ReversalGPT2`.
@@ -105,11 +135,10 @@ def evaluate_forward_chaining(model, data: ForwardChainingData, max_queries: Opt
         ``roots_bf<b>`` and ``queries_bf<b>`` per branching factor ``b``.
     """
     out = {split: _fact_accuracy(model, data, split, max_queries, batch_size) for split in ("attr", "problem", "rule")}
-    q = data.queries_tensor()
-    scores = model.rank_entities(q[:, 0], q[:, 1], batch_size=batch_size)
-    m = ranking_metrics(scores, q[:, 2])
-    out["queries"], out["queries_mrr"] = m["accuracy"], m["mrr"]
-    correct = gold_ranks(scores, q[:, 2]) == 1  # one value concept per value: the exact entity
+    ranks, _ = _gold_ranks_and_top(model, data.queries_tensor(), batch_size)
+    ranks = ranks.double()
+    out["queries"], out["queries_mrr"] = float((ranks == 1).double().mean()), float((1.0 / ranks).mean())
+    correct = ranks == 1  # one value concept per value: the exact entity
 
     def acc(mask: list[bool]) -> float:
         t = torch.tensor(mask, dtype=torch.bool)

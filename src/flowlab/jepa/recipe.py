@@ -30,7 +30,7 @@ from ..data.reversal import (
 from ..train.config import Config, ConfigError, register_config_section
 from ..train.recipe import Recipe, StepContext, StepOutput, register_recipe
 from ..data.forward_chaining import ForwardChainingData, write_forward_chaining_data
-from .chain import build_chain_data, evaluate_forward_chaining
+from .chain import build_chain_data, concept_regression_loss, evaluate_forward_chaining
 from .metrics import ranking_metrics
 from .models import JEPAConceptModel, JEPAConfig, ReversalGPT2, ReversalGPT2Config
 
@@ -263,4 +263,9 @@ class ReversalJEPARecipe(_ReversalRecipe):
             neg, neg_r = _gather(torch.cat([h, t])), _gather(r)
         out = model(h, r, t, negatives=neg, negative_relations=neg_r)
         acc = (out.logits.argmax(-1) == torch.searchsorted(torch.unique(torch.cat([h, t, neg])), t.contiguous())).float().mean()
-        return StepOutput(loss=out.loss, logs={"train_accuracy": acc.detach()})
+        weight = self.config.chain.regression_weight if self.config.chain.enabled else 0.0
+        if weight == 0.0:
+            return StepOutput(loss=out.loss, logs={"train_accuracy": acc.detach()})
+        regression = concept_regression_loss(self._unwrap(model), h, r, t)
+        return StepOutput(loss=out.loss + weight * regression,
+                          logs={"train_accuracy": acc.detach(), "concept_regression": regression.detach()})
