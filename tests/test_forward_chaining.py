@@ -183,9 +183,10 @@ def test_tiny_end_to_end_both_models_and_eval_json(tmp_path):
 
     torch.manual_seed(0)
     runs = {}
-    for key, config, steps in (("ar", "chain_ar.yaml", 30), ("jepa_memory", "chain_jepa.yaml", 150)):
+    for key, config, extra in (("ar", "chain_ar.yaml", ["train.max_steps=30"]),
+                               ("jepa_memory", "chain_jepa.yaml", ["train.max_steps=300", "reversal.hidden_size=64"])):
         out = tmp_path / key
-        cfg = load_config(os.path.join(ROOT, "configs", config), [f"output_dir={out}", f"train.max_steps={steps}", *TINY])
+        cfg = load_config(os.path.join(ROOT, "configs", config), [f"output_dir={out}", *TINY, *extra])
         Trainer(cfg).train()
         runs[key] = str(out)
     jepa = load_reversal_model(os.path.join(runs["jepa_memory"], "model"))
