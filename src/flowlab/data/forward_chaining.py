@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from .base import DataError
-from .reversal import SPECIAL_TOKENS, Fact, ReversalData, read_jsonl, write_jsonl
+from .reversal import SPECIAL_TOKENS, Fact, ReversalData, read_fact_split, read_jsonl, write_fact_splits, write_jsonl
 
 __all__ = [
     "ForwardChainingSpec",
@@ -385,12 +385,7 @@ def write_forward_chaining_data(data: ForwardChainingData, directory: str | os.P
         {"id": e, "name": data.entity_name(e), "kind": data.kinds[e], "value": data.values[e], "problem": data.problem_of[e]}
         for e in range(data.num_entities)
     ))
-    for split, facts in data.splits.items():
-        write_jsonl(d / f"{split}.jsonl", (
-            {"head": f.head, "relation": data.relation_names[f.relation], "tail": f.tail,
-             "head_name": data.entity_name(f.head), "tail_name": data.entity_name(f.tail)}
-            for f in facts
-        ))
+    write_fact_splits(data, d)
     write_jsonl(d / "queries.jsonl", (
         {**asdict(q), "ops": list(q.ops), "entity_name": data.entity_name(q.entity), "answer_name": data.entity_name(q.answer)}
         for q in data.queries
@@ -409,7 +404,6 @@ def read_forward_chaining_data(directory: str | os.PathLike) -> ForwardChainingD
         raise DataError(f"{meta_path}: not a forward-chaining dataset (kind {meta.get('kind')!r})")
     vocab = meta["vocab"]
     index = {t: i for i, t in enumerate(vocab)}
-    rel_index = {r: i for i, r in enumerate(meta["relation_names"])}
     entity_tokens, kinds, values, problem_of = [], [], [], []
     for i, rec in enumerate(read_jsonl(d / "entities.jsonl")):
         if rec["id"] != i:
@@ -422,17 +416,7 @@ def read_forward_chaining_data(directory: str | os.PathLike) -> ForwardChainingD
         kinds.append(rec["kind"])
         values.append(int(rec["value"]))
         problem_of.append(int(rec["problem"]))
-    splits = {}
-    for split in FACT_SPLITS:
-        path = d / f"{split}.jsonl"
-        if not path.is_file():
-            raise DataError(f"{path}: not found")
-        facts = []
-        for i, rec in enumerate(read_jsonl(path), 1):
-            if rec["relation"] not in rel_index:
-                raise DataError(f"{path}: line {i} has unknown relation {rec['relation']!r}")
-            facts.append(Fact(int(rec["head"]), rel_index[rec["relation"]], int(rec["tail"])))
-        splits[split] = facts
+    splits = {split: read_fact_split(d / f"{split}.jsonl", meta["relation_names"]) for split in FACT_SPLITS}
     fields = ChainQuery.__dataclass_fields__
     queries = [ChainQuery(**{k: (tuple(v) if k == "ops" else v) for k, v in rec.items() if k in fields})
                for rec in read_jsonl(d / "queries.jsonl")]
