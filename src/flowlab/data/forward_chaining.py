@@ -44,7 +44,6 @@ import random
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -426,10 +425,3 @@ def read_forward_chaining_data(directory: str | os.PathLike) -> ForwardChainingD
         splits=splits, addends=list(meta["addends"]), values=values, problem_of=problem_of, queries=queries,
     )
 
-
-def chain_data_kind(directory: str | os.PathLike) -> Optional[str]:
-    """``"forward_chaining"`` if ``directory/meta.json`` says so, else ``None`` (a reversal dataset or nothing)."""
-    p = Path(directory) / "meta.json"
-    if not p.is_file():
-        return None
-    return json.loads(p.read_text()).get("kind")
