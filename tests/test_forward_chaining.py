@@ -216,3 +216,28 @@ def test_tiny_end_to_end_both_models_and_eval_json(tmp_path):
         assert sum(h["count"] for h in r["by_hops"].values()) == res["protocol"]["queries"]
         assert 0.0 <= r["queries"] <= 1.0 and r["parameters"] > 0
     assert res["models"]["jepa_memory"]["facts"]["attr"] == pytest.approx(metrics["attr"])
+
+
+def test_concept_regression_loss_is_one_minus_cosine_and_reaches_the_tail_concept(tmp_path):
+    """The regression term equals mean(1 - cos(P(c_h, c_r), c_t)) and, with no stop-gradient, moves the
+    tail's memory slot as well as the predictor."""
+    from flowlab.jepa.chain import concept_regression_loss
+    from flowlab.jepa.recipe import ReversalJEPARecipe
+    from flowlab.train import load_config
+
+    cfg = load_config(os.path.join(ROOT, "configs", "chain_jepa.yaml"), [f"output_dir={tmp_path}", *TINY])
+    recipe = ReversalJEPARecipe(cfg)
+    torch.manual_seed(0)
+    model = recipe.build_model(recipe.build_dataset())
+    f = recipe.data.facts_tensor("problem")[:8]
+    h, r, t = f[:, 0], f[:, 1], f[:, 2]
+    loss = concept_regression_loss(model, h, r, t)
+    p = model.predict(model.entity_concepts(h), model.relation_concepts(r))
+    c = model.entity_concepts(t)
+    expected = (1 - (p * c).sum(-1) / (p.norm(dim=-1) * c.norm(dim=-1))).mean()
+    assert torch.allclose(loss, expected, atol=1e-6) and 0.0 <= float(loss) <= 2.0
+    loss.backward()
+    slot_grad = model.memory.values.grad  # slot e holds entity e's concept
+    only_tails = [int(e) for e in t.unique() if e not in set(h.tolist())]
+    assert only_tails and all(slot_grad[e].abs().sum() > 0 for e in only_tails)
+    assert any(q.grad is not None and q.grad.abs().sum() > 0 for q in model.predictor.parameters())
