@@ -31,6 +31,7 @@ from ..train.config import Config, config_from_dict, config_to_dict, load_config
 from ..train.registry import RECIPES, recipe_class, register_recipe
 from .flow_matching.config import DATA_CONFIG, MODEL_CONFIG, FlowConfig
 from .flow_matching.config import SECTIONS as _FLOW_MATCHING_SECTIONS
+from .chain_config import ChainConfig
 from .reversal_config import ReversalConfig
 
 __all__ = ["RECIPES", "load_config", "config_from_dict", "config_to_dict", "get_recipe", "train", "Trainer", "Config"]
@@ -78,8 +79,8 @@ register_recipe("flow_matching", _FLOW_MATCHING_SECTIONS, _flow_matching)
 register_recipe("noprop", {"data": DATA_CONFIG, "model": MODEL_CONFIG, "noprop": NoPropConfig}, _noprop)
 register_recipe("nft", {"rl": RL_CONFIG, "nft": NFTConfig, "flow": FlowConfig}, _nft)
 register_recipe("flowgrpo", {"rl": RL_CONFIG, "grpo": GRPOConfig}, _flowgrpo)
-register_recipe("reversal_ar", {"reversal": ReversalConfig}, _reversal_ar)
-register_recipe("reversal_jepa", {"reversal": ReversalConfig}, _reversal_jepa)
+register_recipe("reversal_ar", {"reversal": ReversalConfig, "chain": ChainConfig}, _reversal_ar)
+register_recipe("reversal_jepa", {"reversal": ReversalConfig, "chain": ChainConfig}, _reversal_jepa)
 
 
 def get_recipe(config: Config):
