@@ -468,7 +468,9 @@ def toy_quality(model: torch.nn.Module, dataset: str, args, seed: int) -> float:
     return sliced_wasserstein(x, ref, generator=torch.Generator().manual_seed(seed))
 
 
-def bench_training(args, workdir: Path, matcher_cls) -> dict[str, Any]:
+def bench_training(args, workdir: Path, matcher_cls, report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Per dataset: interleaved flowlab / torchcfm runs per seed, then medians; ``report(results so far)``
+    after each dataset."""
     from flowlab.data.toy2d import sample_toy2d
     from flowlab.metrics.vectors import sliced_wasserstein
 
@@ -521,6 +523,8 @@ def bench_training(args, workdir: Path, matcher_cls) -> dict[str, Any]:
             "floor_sw2": med(lambda x: x["floor_sw2"]),
             "runs": runs,
         }
+        if report is not None:
+            report(res)
     return res
 
 
@@ -555,6 +559,15 @@ def format_report(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` atomically (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmpf = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmpf.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmpf, path)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -581,7 +594,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "versions": {"flowlab": getattr(flowlab_pkg, "__version__", None), "torch": torch.__version__,
                      "flow_matching": getattr(flow_matching, "__version__", None), "torchcfm": getattr(torchcfm, "__version__", None)},
         "argv": list(sys.argv[1:] if argv is None else argv),
+        "complete": False,
     }
+
+    def partial() -> None:  # each finished part reaches the JSON at once (a long run may be cut short)
+        if args.json:
+            write_json(args.json, {**result, "runtime_seconds": time.perf_counter() - t_start})
+
     try:
         if not (args.skip_sampling and args.skip_likelihood):
             import flowlab.models  # noqa: F401  (diffusers only loads components whose module is imported)
@@ -596,24 +615,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 from flowlab.metrics import DigitsEvaluator
 
                 result["sampling"] = bench_sampling(args, pipe, DigitsEvaluator.load(args.cache_dir), ODESolver, ModelWrapper)
+                partial()
             if not args.skip_likelihood:
                 result["likelihood"] = bench_likelihood(args, pipe, ODESolver, ModelWrapper)
+                partial()
         if not args.skip_training:
-            result["training"] = bench_training(args, workdir, OTMatcher)
+            result["training"] = bench_training(args, workdir, OTMatcher, report=lambda res: (result.__setitem__("training", res), partial()))
     finally:
         torch.set_num_threads(prev_threads)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     result["runtime_seconds"] = time.perf_counter() - t_start
+    result["complete"] = True
     print(format_report(result))
     print(f"bench_peers: total {result['runtime_seconds']:.1f} s")
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmpf = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmpf.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        os.replace(tmpf, path)
-        print(f"wrote {path}")
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
     return result
 
 

@@ -40,6 +40,7 @@ def quick(tmp_path_factory):
 def test_json_layout(quick):
     _, res, data = quick
     assert {"machine", "versions", "argv", "pipeline", "sampling", "likelihood", "training", "runtime_seconds"} <= set(data)
+    assert data["complete"] is True
     assert data["sampling"]["equal_nfe"] == res["sampling"]["equal_nfe"]
     assert data["versions"]["flow_matching"] and data["versions"]["torchcfm"]
     s = data["sampling"]
