@@ -5,9 +5,10 @@
     python eval/bench_peers.py --pipeline runs/quickstart/pipeline --json out.json      # reuse a digits pipeline
     python eval/bench_peers.py --quick --json quick.json                                # smoke test (~1 min)
 
-The full run takes about 20 minutes on a quiet 2-core CPU with one torch thread (training the
-quickstart pipeline ~4 min, sampling ~3 min, likelihoods ~3 min, OT-CFM training ~10 min);
-``--pipeline`` skips the training of the digits model. ``--quick`` takes about a minute.
+The full run takes about 20-25 minutes on a quiet 2-core CPU with one torch thread (training the
+quickstart pipeline ~4 min, sampling ~3 min, likelihoods ~2 min, OT-CFM training ~15 min), and
+68 minutes on a heavily contended one (load 10-19 on 2 cores; docs/benchmarks.md);
+``--pipeline`` skips the training of the digits model. ``--quick`` takes 10-60 seconds.
 The peers are a benchmark-only extra: ``pip install -e .[peers]`` (``flow_matching`` is
 CC-BY-NC and never imported by ``src/flowlab``).
 
