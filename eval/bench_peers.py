@@ -56,13 +56,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-try:
-    import flowlab  # noqa: F401
-except ImportError:  # not installed: use the repository's src/
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    for _name in [m for m in sys.modules if m == "flowlab" or m.startswith("flowlab.")]:
-        del sys.modules[_name]
-
 import torch
 from torch import Tensor
 
@@ -225,7 +218,7 @@ def _peer_model(field: Callable[[Tensor, Tensor], Tensor], model_wrapper_cls):
 
 def train_quickstart(args, workdir: Path) -> Path:
     """Train the quickstart digits pipeline with flowlab's Trainer; returns its pipeline folder."""
-    from flowlab.train import Trainer, load_config
+    from flowlab import Trainer, load_config
 
     out = workdir / "quickstart"
     over = [f"output_dir={out}", "train.overwrite=true", "train.report_to=none", f"seed={args.seed}",
@@ -377,7 +370,7 @@ def bench_likelihood(args, pipe, ODESolver, ModelWrapper) -> dict[str, Any]:
 
 
 def _toy_config(args, dataset: str, seed: int, steps: int | None, output_dir: Path):
-    from flowlab.train import load_config
+    from flowlab import load_config
 
     over = [f"output_dir={output_dir}", "train.overwrite=true", "train.report_to=none", f"seed={seed}",
             f"data.name={dataset}", "flow.coupling=ot", "sample.every=0", "sample.num_images=16",
@@ -392,7 +385,7 @@ def _toy_config(args, dataset: str, seed: int, steps: int | None, output_dir: Pa
 def train_flowlab_toy(args, cfg) -> tuple[torch.nn.Module, dict[str, Any]]:
     """``Trainer(cfg).train()``; throughput from its ``metrics.jsonl`` windows after the first; the EMA model."""
     from flowlab import FlowPipeline
-    from flowlab.train import Trainer
+    from flowlab import Trainer
 
     out = Path(cfg.output_dir)
     Trainer(cfg).train()

@@ -15,26 +15,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-try:
-    import flowlab.metrics.digits  # noqa: F401
-except ImportError:  # not installed: use the repository's src/
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    for _name in [m for m in sys.modules if m == "flowlab" or m.startswith("flowlab.")]:
-        del sys.modules[_name]
-
 import torch
 
 from flowlab.data.digits import load_digits_arrays, to_unit_range
+from flowlab.fileio import atomic_write_json
 from flowlab.metrics.digits import CLASSIFIER_VERSION, DigitsEvaluator
 
 
+RUNTIME = """Runtime of the default run on the quickstart pipeline (the 2-core CPU, OMP_NUM_THREADS=1): about 8 s
+(measured 8.3 s for 1,000 samples, heun, 16 steps), plus about 2 s the first time, to train and cache
+the digits classifier."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=RUNTIME,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pipeline", type=str, help="directory of a saved FlowPipeline")
     src.add_argument("--real-test", action="store_true", help="evaluate the real test split instead (fd == floor)")
@@ -151,11 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(format_table(res))
     if args.json:
         path = Path(args.json)
-        if path.parent != Path(""):
-            path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(res, indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write_json(path, res, indent=2)
         if not args.quiet:
             print(f"wrote {path}")
     return res

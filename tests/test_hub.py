@@ -46,7 +46,7 @@ from conftest import ROOT, tiny_overrides
 from helpers_http import LocalHTTPServer, QuietHandler
 from flowlab.cli import main as flowlab_main
 from flowlab.cli import train_main
-from flowlab.hub import HubError, push_to_hub, redact_secrets, scrub_token
+from flowlab.hub import HubError, push_to_hub, read_card_data, redact_secrets, scrub_token, write_card_data
 
 TOKEN = "hf_flowlabTestToken0123456789abcdefXYZ"
 WRONG_TOKEN = "hf_someOtherToken9876543210zyxwvuTSRQ"
@@ -430,12 +430,15 @@ def test_train_with_hub_push_uploads_exactly_the_run(trained):
     card = files["README.md"].decode()
     meta = _front_matter(card)
     assert meta["license"] == "apache-2.0" and meta["library_name"] == "flowlab"
-    assert {"flowlab", "flow-matching"} <= set(meta["tags"]) and meta["pipeline_tag"] == "unconditional-image-generation"
+    # a class-conditional model: tagged as such, and no "unconditional" task (the Hub has no class-conditional one)
+    assert {"flowlab", "flow-matching", "image-generation", "class-conditional-image-generation"} <= set(meta["tags"])
+    assert "pipeline_tag" not in meta
     assert "| metric | value | step |" in card and "| `loss` |" in card
     final_loss = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()][-1]["loss"]
     assert f"| `loss` | {final_loss:.4g} | 6 |" in card
     assert "![samples from the final model](samples/grid.png)" in card
     assert 'FlowPipeline.from_pretrained("alice/flowlab-digits")' in card
+    assert 'pipe(class_labels=list(range(10)), output_type="pil").images' in card  # one sample per class
     assert "```yaml\nrecipe: flow_matching" in card
     # the token is nowhere: files, logs, output
     for data in files.values():
@@ -618,7 +621,7 @@ def test_connection_errors_are_retried(trained, hub_client):
 
 def test_failed_push_after_training_keeps_the_run_and_says_how_to_retry(trained, hub_client, monkeypatch, capsys):
     from flowlab.cli import EXIT_PUSH_FAILED, _push_after_training
-    from flowlab.train import load_config
+    from flowlab.recipes import load_config
 
     out, _, _ = trained
     before = _tree_digest(out)
@@ -667,7 +670,8 @@ def test_hub_push_without_repo_id_fails_at_start_up(tmp_path, capsys):
         (["push", "{run}", "--repo-id", "bad repo id"], "not a valid Hub repo id"),
         (["push", "{bare}"], "--repo-id is required"),
         (["push", "{run}", "--repo-id", "a/b", "--bogus"], "unrecognized arguments: --bogus"),
-        (["push", "{bare}", "--repo-id", "a/b"], "no pipeline/ folder"),
+        (["push", "{bare}", "--repo-id", "a/b"], "has no card.json"),
+        (["push", "{bare_card}", "--repo-id", "a/b"], "no pipeline/ folder"),
     ],
 )
 def test_cli_errors_are_one_line_exit_2(argv, fragment, trained, tmp_path, capsys):
@@ -675,7 +679,11 @@ def test_cli_errors_are_one_line_exit_2(argv, fragment, trained, tmp_path, capsy
     bare = tmp_path / "bare"  # a run folder whose training never finished
     bare.mkdir()
     (bare / "config.yaml").write_text("recipe: flow_matching\n")
-    argv = [a.replace("{run}", out).replace("{bare}", str(bare)) for a in argv]
+    bare_card = tmp_path / "bare_card"  # card data written, but the artefact folder is gone
+    bare_card.mkdir()
+    (bare_card / "config.yaml").write_text("recipe: flow_matching\n")
+    write_card_data(bare_card, {"usage": "x"}, recipe="flow_matching", artifact="pipeline")
+    argv = [a.replace("{run}", out).replace("{bare}", str(bare)).replace("{bare_card}", str(bare_card)) for a in argv]
     rc = flowlab_main(argv)
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("flowlab: error: ") and err.count("\n") == 1, err
@@ -706,8 +714,9 @@ def test_redaction_helpers():
 # --------------------------------------------------------------------------- other artefact layouts (dry runs)
 
 
-def _fake_run(root: Path, recipe: str, artefact: str, files: dict[str, bytes], extra_config: str = "") -> Path:
-    """A finished run folder of ``recipe`` whose artefact folder holds ``files``."""
+def _fake_run(root: Path, recipe: str, artefact: str, files: dict[str, bytes], extra_config: str = "", card_data: dict | None = None) -> Path:
+    """A finished run folder of ``recipe`` whose artefact folder holds ``files``; with ``card_data``
+    (a recipe's ``card_data(REPO_ID)``), its ``card.json`` as the trainer writes it."""
     root.mkdir(parents=True)
     (root / "config.yaml").write_text(f"recipe: {recipe}\ndata:\n  name: digits\n{extra_config}")
     (root / "metrics.jsonl").write_text('{"step": 10, "loss": 0.5, "eval/accuracy": 0.93}\n{"step": 20, "loss": 0.25}\n')
@@ -717,63 +726,57 @@ def _fake_run(root: Path, recipe: str, artefact: str, files: dict[str, bytes], e
     for junk in ("checkpoints/checkpoint-20/model.safetensors", "logs/events.out", "samples/step_0000010.png", "samples/step_0000020.png"):
         (root / junk).parent.mkdir(parents=True, exist_ok=True)
         (root / junk).write_bytes(junk.encode())
+    if card_data is not None:
+        write_card_data(root, card_data, recipe=recipe, artifact=artefact)
     return root
 
 
-def test_lora_artefact_with_a_recipe_card_data_hook(tmp_path, monkeypatch):
-    """A future RL recipe whose artefact is a diffusers LoRA folder and which contributes card fields."""
-    from flowlab.train.recipe import RECIPES, Recipe
+def _recipe_card_data(config: str, *overrides: str) -> dict:
+    from flowlab.hub import REPO_ID
+    from flowlab.recipes import get_recipe, load_config
 
-    class ToyLoRARecipe(Recipe):
-        name, artifact_name = "toy_lora", "lora"
+    return get_recipe(load_config(f"configs/{config}.yaml", list(overrides))).card_data(REPO_ID)
 
-        def build_dataset(self):  # pragma: no cover - never trained here
-            raise NotImplementedError
 
-        build_model = training_step = build_dataset
-
-        def card_data(self):
-            return {"base_model": "stabilityai/stable-diffusion-3.5-medium", "tags": ["diffusion-nft", "lora"], "license": "other"}
-
-    monkeypatch.setitem(RECIPES, "toy_lora", ToyLoRARecipe)
-    run = _fake_run(tmp_path / "run", "toy_lora", "lora", {"pytorch_lora_weights.safetensors": b"\x00weights", "README.md": b"peft card"})
+def test_lora_artefact_card_from_the_recipe(tmp_path):
+    """An SD3 RL run whose artefact is a diffusers LoRA folder: the card is what the recipe's card_data says."""
+    card_data = _recipe_card_data("flowgrpo_sd35_pickscore")
+    run = _fake_run(tmp_path / "run", "flowgrpo", "pipeline", {"pytorch_lora_weights.safetensors": b"\x00weights", "README.md": b"peft card"},
+                    card_data={**card_data, "license": "other"})
     before = _tree_digest(run)
-    res = push_to_hub(run, "gina/sd35-nft", dry_run=True, preview_dir=tmp_path / "preview")
+    res = push_to_hub(run, "gina/sd35-grpo", dry_run=True, preview_dir=tmp_path / "preview")
     assert set(res.paths_in_repo) == {"README.md", "pytorch_lora_weights.safetensors", "samples/grid.png", "config.yaml", "metrics.jsonl"}
     grid = next(f for f in res.files if f.path_in_repo == "samples/grid.png")
     assert grid.source.endswith("step_0000020.png")  # the last grid
     card = Path(res.card_path).read_text()
     meta = _front_matter(card)
     assert meta["base_model"] == "stabilityai/stable-diffusion-3.5-medium" and meta["license"] == "other"
-    assert meta["tags"][:3] == ["flowlab", "flow-matching", "toy-lora"] and {"diffusion-nft", "lora"} <= set(meta["tags"])
-    assert meta["tags"].count("lora") == 1
-    assert 'pipe.load_lora_weights("gina/sd35-nft")' in card and "stable-diffusion-3.5-medium" in card
+    assert meta["pipeline_tag"] == "text-to-image" and meta["library_name"] == "flowlab"
+    assert meta["tags"][:2] == ["flowlab", "flowgrpo"] and {"lora", "reinforcement-learning"} <= set(meta["tags"])
+    assert meta["tags"].count("flowgrpo") == 1
+    assert 'pipe.load_lora_weights("gina/sd35-grpo")' in card and "{repo_id}" not in card
+    assert 'StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium")' in card
     assert "| `eval/accuracy` | 0.93 | 10 |" in card and "| `loss` | 0.25 | 20 |" in card
     assert card.index("eval/accuracy") < card.index("`loss`")
     assert _tree_digest(run) == before
 
 
-def test_noprop_and_transformers_artefacts(tmp_path, monkeypatch):
-    from flowlab.train.recipe import RECIPES, Recipe
-
+def test_noprop_and_transformers_artefacts(tmp_path):
     run = _fake_run(tmp_path / "noprop", "noprop", "classifier",
-                    {"config.json": b'{"_class_name": "NoPropClassifier"}', "diffusion_pytorch_model.safetensors": b"\x00w"})
+                    {"config.json": b'{"_class_name": "NoPropClassifier"}', "diffusion_pytorch_model.safetensors": b"\x00w"},
+                    card_data=_recipe_card_data("noprop_dt_digits"))
     res = push_to_hub(run, "hana/noprop-digits", dry_run=True, preview_dir=tmp_path / "p1")
     assert {"config.json", "diffusion_pytorch_model.safetensors"} <= set(res.paths_in_repo)
+    assert "card.json" not in res.paths_in_repo
     card = Path(res.card_path).read_text()
     assert _front_matter(card)["pipeline_tag"] == "image-classification"
     assert 'NoPropClassifier.from_pretrained("hana/noprop-digits")' in card
 
-    class ToyJepaRecipe(Recipe):
-        name, artifact_name = "toy_jepa", "model"
-        build_dataset = build_model = training_step = lambda *a: None
-
-    monkeypatch.setitem(RECIPES, "toy_jepa", ToyJepaRecipe)
-    run = _fake_run(tmp_path / "jepa", "toy_jepa", "model", {"config.json": b'{"architectures": ["X"]}', "model.safetensors": b"\x00w"},
-                    extra_config="wandb:\n  api_key: abc123secret\n  project: p\n")
+    run = _fake_run(tmp_path / "jepa", "reversal_jepa", "model", {"config.json": b'{"architectures": ["X"]}', "model.safetensors": b"\x00w"},
+                    extra_config="wandb:\n  api_key: abc123secret\n  project: p\n", card_data=_recipe_card_data("reversal_jepa"))
     res = push_to_hub(run, "ivan/jepa", dry_run=True, preview_dir=tmp_path / "p2")
     card = Path(res.card_path).read_text()
-    assert 'AutoModel.from_pretrained("ivan/jepa")' in card and "transformers" in _front_matter(card)["tags"]
+    assert 'JEPAConceptModel.from_pretrained("ivan/jepa")' in card and "transformers" in _front_matter(card)["tags"]
     # secret-looking config values are redacted in the card and in the uploaded config.yaml
     assert "abc123secret" not in card and "api_key: <redacted>" in card
     cfg = next(f for f in res.files if f.path_in_repo == "config.yaml")
@@ -784,3 +787,106 @@ def test_noprop_and_transformers_artefacts(tmp_path, monkeypatch):
     (run / "model" / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(HubError, match="pytorch_model.bin.*safetensors"):
         push_to_hub(run, "ivan/jepa", dry_run=True)
+
+
+# --------------------------------------------------------------------------- the card and its data
+
+
+def test_card_is_a_model_card_whose_metadata_parses_back(trained, tmp_path):
+    """The card is built with huggingface_hub's ModelCard: ModelCard.load reads the metadata back as ModelCardData."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    out, _, _ = trained
+    res = push_to_hub(out, "kim/digits", dry_run=True, preview_dir=tmp_path / "preview", license="mit")
+    card = ModelCard.load(res.card_path)
+    assert isinstance(card.data, ModelCardData)
+    assert card.data.license == "mit" and card.data.library_name == "flowlab" and card.data.pipeline_tag is None
+    assert card.data.tags[:2] == ["flowlab", "flow-matching"] and "class-conditional-image-generation" in card.data.tags
+    assert card.data.base_model is None and card.data.datasets is None
+    assert card.text.lstrip().startswith("# digits") and 'FlowPipeline.from_pretrained("kim/digits")' in card.text
+    assert str(card) == Path(res.card_path).read_text()  # what the push uploads is the ModelCard's text
+
+
+def test_trainer_writes_the_recipe_card_data(trained):
+    """card.json holds the flow-matching recipe's card data, with the repo id left as a placeholder."""
+    from flowlab.hub import REPO_ID
+
+    out, _, _ = trained
+    card = read_card_data(out)
+    assert card.recipe == "flow_matching" and card.artifact == "pipeline" and card.library_name == "flowlab"
+    assert f'FlowPipeline.from_pretrained("{REPO_ID}")' in card.usage and "class_labels=list(range(10))" in card.usage
+    assert card.pipeline_tag is None and "class-conditional-image-generation" in card.tags
+    assert json.loads((Path(out) / "card.json").read_text())["format"] == 1
+
+
+def test_unconditional_and_vector_pipeline_card_data():
+    from flowlab.hub import flow_pipeline_card_data
+
+    uncond = flow_pipeline_card_data("u/m")
+    assert uncond["pipeline_tag"] == "unconditional-image-generation" and "class-conditional-image-generation" not in uncond["tags"]
+    assert 'pipe(batch_size=16, output_type="pil")' in uncond["usage"]
+    cond = flow_pipeline_card_data("u/m", class_labels="[3] * 16")
+    assert cond["pipeline_tag"] is None and "class-conditional-image-generation" in cond["tags"] and "class_labels=[3] * 16" in cond["usage"]
+    vec = flow_pipeline_card_data("u/m", images=False)
+    assert vec["pipeline_tag"] is None and "image-generation" not in vec["tags"] and 'output_type="pt"' in vec["usage"]
+    for data in (uncond, cond, vec):  # each snippet is valid Python
+        compile(data["usage"], "<usage>", "exec")
+
+
+@pytest.mark.parametrize("config", ["nft_digits", "flowgrpo_sd35_pickscore", "noprop_dt_digits", "reversal_jepa", "reversal_ar"])
+def test_every_builtin_recipe_gives_complete_card_data(config, tmp_path):
+    """Usage snippet, tags and pipeline tag from each recipe (flow matching: see test_trainer_writes_the_recipe_card_data)."""
+    from flowlab.hub import REPO_ID, CardData
+
+    data = _recipe_card_data(config)
+    assert REPO_ID in data["usage"] and data["tags"] and "pipeline_tag" in data
+    compile(data["usage"], "<usage>", "exec")
+    assert set(data) <= set(CardData.RECIPE_KEYS)
+
+
+def test_card_data_errors_name_the_key(tmp_path):
+    with pytest.raises(HubError, match="unknown key 'usage_snippet'"):
+        write_card_data(tmp_path, {"usage_snippet": "x"}, recipe="r", artifact="a")
+    with pytest.raises(HubError, match="'tags' must be a list"):
+        write_card_data(tmp_path, {"tags": [1]}, recipe="r", artifact="a")
+    with pytest.raises(HubError, match="'artifact' must be a folder name"):
+        write_card_data(tmp_path, {}, recipe="r", artifact="../elsewhere")
+    assert not (tmp_path / "card.json").exists()
+    (tmp_path / "card.json").write_text('{"recipe": "r", "artifact": "a", "colour": "red"}')
+    with pytest.raises(HubError, match=r"card.json: unknown card data key 'colour'"):
+        read_card_data(tmp_path)
+
+
+def test_old_run_without_card_data(tmp_path):
+    """A run trained before flowlab wrote card.json: a clear error, or the missing fields passed to push_to_hub."""
+    run = _fake_run(tmp_path / "old", "noprop", "classifier", {"diffusion_pytorch_model.safetensors": b"\x00w"})
+    before = _tree_digest(run)
+    with pytest.raises(HubError, match="has no card.json.*did the run finish.*write_card_data.*card_data="):
+        push_to_hub(run, "olga/old", dry_run=True)
+    with pytest.raises(HubError, match="card data has no 'artifact'"):
+        push_to_hub(run, "olga/old", dry_run=True, card_data={"recipe": "noprop"})
+    res = push_to_hub(run, "olga/old", dry_run=True, preview_dir=tmp_path / "p",
+                      card_data={"recipe": "noprop", "artifact": "classifier", "usage": 'load("{repo_id}")', "pipeline_tag": "image-classification"})
+    card = Path(res.card_path).read_text()
+    assert 'load("olga/old")' in card and _front_matter(card)["pipeline_tag"] == "image-classification"
+    assert _tree_digest(run) == before  # nothing written to the run folder
+
+
+def test_push_never_imports_a_recipe(trained, tmp_path):
+    """Publishing reads card.json: no recipe module, no engine module, no registry is imported."""
+    out, _, _ = trained
+    script = (
+        "import sys\n"
+        "from flowlab.hub import push_to_hub\n"
+        f"res = push_to_hub({out!r}, 'lee/digits', dry_run=True, preview_dir={str(tmp_path / 'p')!r})\n"
+        "assert len(res.files) == 8, res.paths_in_repo\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('flowlab'))))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = proc.stdout.split()
+    assert "flowlab.hub.push" in loaded
+    higher = ("flowlab.train", "flowlab.nft", "flowlab.noprop", "flowlab.jepa", "flowlab.wgf", "flowlab.pipelines", "flowlab.models",
+              "flowlab.rewards", "flowlab.cli")
+    assert not [m for m in loaded if m.startswith(higher)], loaded

@@ -19,7 +19,8 @@ from helpers_sd3 import write_tiny_sd3  # noqa: E402
 
 from flowlab.nft.policy import LoraSpec  # noqa: E402
 from flowlab.nft.sd3 import SD3Policy  # noqa: E402
-from flowlab.train.config import ConfigError, load_config  # noqa: E402
+from flowlab.errors import ConfigError
+from flowlab.recipes import load_config  # noqa: E402
 
 RES = 32
 PROMPTS = ["a photo of the cat", "an apple on the table"]
@@ -162,6 +163,11 @@ def test_bf16_frozen_weights_float32_adapters(tiny):
 def test_missing_base_is_a_config_error_naming_rl_base(tmp_path):
     with pytest.raises(ConfigError, match="rl.base"):
         SD3Policy.from_pretrained(str(tmp_path / "no-such-pipeline"), resolution=RES)
+    with pytest.raises(ConfigError, match="rl.base.*no such folder"):
+        SD3Policy.from_pretrained(str(tmp_path / "no-such-pipeline"), resolution=RES)
+    (tmp_path / "run" / "pipeline").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="training run folder.*run/pipeline"):
+        SD3Policy.from_pretrained(str(tmp_path / "run"), resolution=RES)
 
 
 # --------------------------------------------------------------------------- shipped configs

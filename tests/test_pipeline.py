@@ -13,7 +13,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from PIL import Image
 from torch import nn
 
-from flowlab.flow import get_path
+from flowlab.flow import get_path, get_solver
 from flowlab.flow.solvers import time_grid
 from flowlab.models import MLPVelocity, UNetVelocity
 from flowlab.models.base import VelocityModelMixin
@@ -522,3 +522,118 @@ def test_dopri5_runs_through_the_pipeline_with_a_progress_bar():
     ref = pipe(batch_size=3, solver="dopri5", output_type="pt", generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (3, 2) and out.nfe > 6
     torch.testing.assert_close(out.images, ref.images)
+
+
+# --------------------------------------------------------------------------- one sampling entry, argument checks, loading
+
+
+@pytest.mark.parametrize("solver", ["euler", "midpoint", "heun", "multistep", "dopri5"])
+@pytest.mark.parametrize("pred,path", [("velocity", "linear"), ("x1", "cosine"), ("epsilon", "vp")])
+def test_pipeline_samples_are_the_solver_level_result_to_the_bit(solver, pred, path):
+    """Regression: FlowPipeline(...) returns exactly what the named solver gives on the pipeline's
+    (guided) velocity field and time grid: same bits, same NFE, same trajectory."""
+    pipe = _pipe(_mlp(num_classes=4), path=path, prediction_type=pred, rtol=1e-4, atol=1e-4)
+    labels = torch.tensor([0, 3, 1])
+    latents = torch.randn(3, 1, 8, 8, generator=_gen(5))
+    out = pipe(num_inference_steps=6, solver=solver, shift=2.0, class_labels=labels, guidance_scale=1.5, latents=latents,
+               output_type="latent", return_trajectory=True)
+    field = pipe.velocity_field(labels, 1.5)
+    ref = get_solver(solver, path=get_path(path), rtol=1e-4, atol=1e-4).solve(field, latents, time_grid(6, shift=2.0), return_trajectory=True)
+    assert torch.equal(out.images, ref.x) and out.nfe == ref.nfe
+    assert all(torch.equal(a, b) for a, b in zip(out.trajectory, ref.trajectory)) and len(out.trajectory) == len(ref.trajectory)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"num_inference_steps": 0}, "num_inference_steps must be an integer >= 1, got 0"),
+        ({"num_inference_steps": 2.5}, "num_inference_steps must be an integer >= 1, got 2.5"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+        ({"batch_size": -2}, "batch_size must be an integer >= 1, got -2"),
+        ({"solver": "rk4"}, "solver must be one of .* got 'rk4'"),
+        ({"shift": 0.0}, "shift must be > 0.0, got 0.0"),
+        ({"shift": float("inf")}, "shift must be a finite number, got inf"),
+        ({"guidance_scale": float("nan"), "class_labels": 1}, "guidance_scale must be a finite number, got nan"),
+        ({"class_labels": []}, "class_labels is empty"),
+        ({"class_labels": [0.5, 1.0]}, "class_labels must be integers"),
+        ({"class_labels": [1, 7]}, r"class_labels must lie in \[0, 3\], got \[1, 7\]"),
+        ({"class_labels": [1, 2], "batch_size": 3}, "got 2 class_labels for batch_size=3"),
+        ({"class_labels": "abc"}, "class_labels must be"),
+        ({"output_type": "jpg"}, "output_type must be"),
+        ({"latents": torch.zeros(2, 1, 8, 7)}, r"latents must have shape \(2, 1, 8, 8\), got \(2, 1, 8, 7\)"),
+        ({"latents": torch.zeros(2, 1, 8, 8, dtype=torch.long)}, "latents must be a floating-point tensor"),
+    ],
+)
+def test_call_arguments_are_checked_up_front(kw, match):
+    model = _mlp(num_classes=4)
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    pipe = _pipe(model)
+    with pytest.raises(ValueError, match=match):
+        pipe(**kw)
+    assert not calls  # nothing ran before the error
+
+
+def test_num_inference_steps_none_uses_the_scheduler_default_and_one_step_works():
+    pipe = _pipe(_mlp(), solver="euler", num_inference_steps=5)
+    assert pipe(output_type="pt").nfe == 5
+    assert pipe(num_inference_steps=1, output_type="pt").nfe == 1
+
+
+def test_wgf_pipeline_checks_its_arguments_up_front():
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from flowlab.wgf import WGFPipeline
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    pipe = WGFPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100))
+    for kw, match in [
+        ({"num_inference_steps": 0}, "num_inference_steps must be an integer >= 1, got 0"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+        ({"eta": -1.0}, "eta must be >= 0.0, got -1.0"),
+        ({"eta": 1.0, "solver": "heun"}, "solver must be 'euler'"),
+        ({"solver": "rk4"}, "solver must be one of"),
+        ({"shift": -1.0}, "shift must be > 0.0"),
+        ({"prediction_type": "noise"}, "prediction_type must be one of"),
+        ({"timestep_input": "int"}, "timestep_input must be"),
+        ({"output_type": "jpg"}, "output_type must be"),
+        ({"class_labels": [-1]}, r"class_labels must lie in \[0\], got \[-1\]"),
+        ({"latents": torch.zeros(2, 1, 4, 4)}, r"latents must have shape \(2, 1, 8, 8\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            pipe(**kw)
+
+
+def test_from_pretrained_names_a_missing_folder_and_a_run_folder(tmp_path, monkeypatch):
+    from flowlab.wgf import WGFPipeline, load_probability_flow
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = tmp_path / "runs" / "quickstart"
+    _pipe(_mlp()).save_pretrained(run / "pipeline")
+    (run / "config.yaml").write_text("recipe: flow_matching\n")
+    (tmp_path / "empty").mkdir()
+    for loader in (FlowPipeline.from_pretrained, WGFPipeline.from_pretrained, load_probability_flow):
+        for missing in ("runs/quickstrt", "runs/quickstart/pipline", "./nothing", str(tmp_path / "nothing"), "a//b"):
+            with pytest.raises(FileNotFoundError, match=f"no such folder: '{missing}'"):
+                loader(missing)
+        for folder in ("runs/quickstart", str(run)):
+            with pytest.raises(FileNotFoundError, match=f"training run folder.*load '{folder}/pipeline'"):
+                loader(folder)
+        with pytest.raises(FileNotFoundError, match="holds no model_index.json"):
+            loader("empty")
+    assert FlowPipeline.from_pretrained("runs/quickstart/pipeline").velocity_model.sample_shape == (1, 8, 8)
+
+
+def test_a_hub_repo_id_still_goes_to_the_hub(tmp_path, monkeypatch):
+    """``owner/name`` with no local ``owner`` folder is a Hub id: offline, huggingface_hub's own error comes back."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from flowlab.pipelines.loading import is_local_reference
+
+    assert not is_local_reference("someone/some-model")
+    assert is_local_reference("./some-model") and is_local_reference("a/b/c") and is_local_reference("bad name")
+    (tmp_path / "someone").mkdir()
+    assert is_local_reference("someone/some-model")

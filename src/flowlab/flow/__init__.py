@@ -1,6 +1,8 @@
 """The flow-matching core: paths, parameterisations, time samplers, couplings, losses,
-solvers, guidance and likelihoods. Time convention: ``t = 0`` noise, ``t = 1`` data."""
+solvers, the same-marginal SDE family, the one sampling entry (:func:`sample`), guidance and
+likelihoods. Time convention: ``t = 0`` noise, ``t = 1`` data."""
 from .conventions import (
+    PREDICTION_T_EPS,
     diffusers_to_velocity,
     shift_sigma,
     shift_t,
@@ -16,6 +18,8 @@ from .likelihood import LikelihoodOutput, divergence, gaussian_log_density, log_
 from .losses import FlowMatchingLoss, LossOutput
 from .parameterization import PREDICTION_TYPES, convert, to_epsilon, to_score, to_velocity, to_x1
 from .paths import PATHS, AffinePath, CosinePath, LinearPath, PathSample, VPPath, get_path
+from .sampling import SampleOutput, sample
+from .sde import MarginalSDE, diffusion_coefficient
 from .solvers import (
     SOLVERS,
     Dopri5Solver,

@@ -21,7 +21,15 @@ __all__ = [
     "timestep_to_t",
     "shift_sigma",
     "shift_t",
+    "PREDICTION_T_EPS",
 ]
+
+#: x1 / epsilon / score predictions carry no velocity where ``sigma_t = 0`` (``t = 1``) or
+#: ``alpha_t = 0`` (``t = 0``): the conversion divides by ``sigma_t`` / ``alpha_t`` (clamped at
+#: 1e-6), so a model error ``delta`` there becomes a velocity error of ``delta * 1e6``. Such
+#: models are read at ``t`` clamped to ``[PREDICTION_T_EPS, 1 - PREDICTION_T_EPS]`` (a bias of
+#: order 1e-3), and RL trains at ``t <= 1 - PREDICTION_T_EPS``. Velocity models are read as is.
+PREDICTION_T_EPS = 1e-3
 
 
 def t_to_sigma(t):

@@ -228,13 +228,28 @@ class Dopri5Solver(Solver):
 SOLVERS = {"euler": EulerSolver, "midpoint": MidpointSolver, "heun": HeunSolver, "multistep": MultistepSolver, "dopri5": Dopri5Solver}
 
 
-def get_solver(name: str, path: AffinePath | None = None, **kwargs) -> Solver:
-    """Build a solver by name; ``multistep`` needs the model's path (linear by default)."""
+def get_solver(name: str, path: AffinePath | None = None, rtol: float = 1e-5, atol: float = 1e-5) -> Solver:
+    """Build a solver by name from every setting a caller may hold; each solver takes what it uses.
+
+    Args:
+        name: ``euler``, ``midpoint``, ``heun``, ``multistep`` or ``dopri5``.
+        path: the model's path (``multistep`` converts velocities to data predictions through it;
+            linear when ``None``). Ignored by the other solvers.
+        rtol, atol: ``dopri5``'s tolerances. Ignored by the fixed-step solvers.
+
+    Raises:
+        ValueError: unknown ``name``, or a non-positive tolerance.
+    """
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; choose one of {sorted(SOLVERS)}")
     if name == "multistep":
-        return MultistepSolver(path, **kwargs)
-    return SOLVERS[name](**kwargs)
+        return MultistepSolver(path)
+    if name == "dopri5":
+        for key, value in (("rtol", rtol), ("atol", atol)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"dopri5 {key} must be a finite number > 0, got {value!r}")
+        return Dopri5Solver(rtol=rtol, atol=atol)
+    return SOLVERS[name]()
 
 
 def steps_for_nfe(solver: str, nfe: int) -> int:

@@ -151,9 +151,13 @@ class SD3Policy(Policy):
         """
         from diffusers import StableDiffusion3Pipeline
 
+        from ..pipelines.loading import check_pipeline_folder, is_local_reference
+
         dtype = _resolve_dtype(dtype)
         components = {k: kwargs.pop(k) for k in list(kwargs) if k in (*_TEXT_ENCODERS, *_TOKENIZERS, "transformer", "vae", "scheduler")}
         try:
+            if is_local_reference(base):  # "no such folder" / the run folder's pipeline/, not a Hub-id error
+                check_pipeline_folder(base)
             index = StableDiffusion3Pipeline.load_config(base)
             for name in (*_TEXT_ENCODERS, *_TOKENIZERS, "image_encoder", "feature_extractor"):
                 entry = index.get(name)

@@ -1,7 +1,6 @@
 """``FlowPipeline``: sample a flowlab velocity model like any diffusers pipeline."""
 from __future__ import annotations
 
-import numbers
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -14,26 +13,12 @@ from torch import Tensor
 
 from .. import models as _models  # noqa: F401  (diffusers' loader needs the component modules imported)
 from ..flow.guidance import guided_field
+from ..flow.sampling import sample
+from .arguments import OUTPUT_TYPES, check_class_labels, check_finite, check_latents, check_output_type, check_positive_int, check_solver
+from .loading import check_pipeline_folder, is_local_reference
 from .scheduling_flow import FlowScheduler
 
-__all__ = ["FlowPipeline", "FlowPipelineOutput", "HubSnapshotMixin", "check_output_type", "postprocess"]
-
-# x1 / epsilon predictions carry no velocity where sigma_t = 0 (t = 1) or alpha_t = 0 (t = 0): the
-# conversion divides by sigma_t / alpha_t (clamped at 1e-6), so a model error delta there becomes a
-# velocity error of delta * 1e6. Such models are read at t clamped to
-# [PREDICTION_T_EPS, 1 - PREDICTION_T_EPS] (a bias of order 1e-3; velocity models are read as is).
-PREDICTION_T_EPS = 1e-3
-
-
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-
-
-def check_output_type(output_type: str, is_image: bool = True) -> None:
-    """Reject an unknown ``output_type``, and ``pil`` for vector samples."""
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
-    if output_type == "pil" and not is_image:
-        raise ValueError("output_type='pil' needs an image model; this pipeline draws vectors: use 'np' or 'pt'")
+__all__ = ["FlowPipeline", "FlowPipelineOutput", "HubSnapshotMixin", "OUTPUT_TYPES", "check_output_type", "postprocess"]
 
 
 def postprocess(x: Tensor, output_type: str, is_image: bool = True):
@@ -59,8 +44,16 @@ class HubSnapshotMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        path = str(pretrained_model_name_or_path)
-        if not os.path.isdir(path):
+        """Load from a saved pipeline folder or a Hub repo id (see :mod:`flowlab.pipelines.loading`).
+
+        Raises:
+            FileNotFoundError: a local path that is no pipeline folder: ``no such folder: <path>``,
+                or, for a training run folder, the hint to load ``<run>/pipeline``.
+        """
+        path = os.path.expanduser(str(pretrained_model_name_or_path))
+        if is_local_reference(path):
+            check_pipeline_folder(path)
+        else:
             from huggingface_hub import snapshot_download
 
             path = snapshot_download(
@@ -108,33 +101,13 @@ class FlowPipeline(HubSnapshotMixin, DiffusionPipeline):
     def is_image_model(self) -> bool:
         return len(self.velocity_model.sample_shape) == 3
 
-    def _labels(self, class_labels, batch_size: int) -> tuple[Tensor | None, int]:
-        if class_labels is None:
-            return None, batch_size
-        num_classes = self.velocity_model.num_classes
-        if num_classes == 0:
-            raise ValueError("class_labels were given, but this pipeline's model is unconditional (num_classes=0)")
-        if isinstance(class_labels, numbers.Integral) or (torch.is_tensor(class_labels) and class_labels.ndim == 0):
-            labels = torch.full((batch_size,), int(class_labels), dtype=torch.long)  # also numpy / 0-d tensor ints
-        else:
-            labels = torch.as_tensor(list(class_labels) if not torch.is_tensor(class_labels) else class_labels).long().reshape(-1)
-            if batch_size not in (1, len(labels)):
-                raise ValueError(f"got {len(labels)} class_labels for batch_size={batch_size}; pass one label per sample or a single int")
-            batch_size = len(labels)
-        if (labels < 0).any() or (labels >= num_classes).any():
-            raise ValueError(f"class_labels must lie in [0, {num_classes - 1}], got {labels.tolist()}")
-        return labels.to(self.device), batch_size
-
     def velocity_field(self, class_labels: Tensor | None = None, guidance_scale: float = 1.0):
         """The (guided) velocity ``(x, t) -> v`` of this pipeline's model, in flowlab time."""
         model = self.velocity_model
         sched = self.scheduler
 
         def model_fn(x, t, labels):
-            if sched.config.prediction_type != "velocity":
-                t = t.clamp(PREDICTION_T_EPS, 1 - PREDICTION_T_EPS)
-            out = model(x, t.to(x.dtype), labels)
-            return sched.to_velocity(out, x, t)
+            return sched.model_velocity(model, x, t, labels)
 
         return guided_field(model_fn, class_labels, guidance_scale, model.null_label)
 
@@ -157,33 +130,42 @@ class FlowPipeline(HubSnapshotMixin, DiffusionPipeline):
 
         Args:
             batch_size: number of samples (taken from ``latents`` or a list of ``class_labels`` when left at 1).
-            num_inference_steps: solver steps (default: the scheduler's); ignored by ``dopri5``.
+            num_inference_steps: solver steps, ``>= 1`` (default: the scheduler's); ignored by ``dopri5``.
             solver: ``euler``, ``midpoint``, ``heun``, ``multistep`` or ``dopri5`` (default: the scheduler's).
-            shift: SD3 time shift of the step grid (default: the scheduler's).
+            shift: SD3 time shift of the step grid, ``> 0`` (default: the scheduler's).
             class_labels: an int for every sample, or one label per sample (class-conditional models).
             guidance_scale: classifier-free guidance weight (1 = plain conditional sampling).
             generator: RNG(s) for the initial noise.
             latents: initial noise ``(B, *sample_shape)`` instead of drawing it.
             output_type: ``pil``, ``np`` or ``pt`` (images in [0, 1]); vector models return raw samples.
             return_trajectory: also return the states at every grid time.
+
+        Raises:
+            ValueError: any invalid argument, named with its value, before anything is sampled.
         """
+        sched = self.scheduler.config
         check_output_type(output_type, self.is_image_model)
-        if latents is not None and batch_size == 1:
+        batch_size = check_positive_int("batch_size", batch_size)
+        steps = check_positive_int("num_inference_steps", sched.num_inference_steps if num_inference_steps is None else num_inference_steps)
+        solver = check_solver(sched.solver if solver is None else solver)
+        shift = check_finite("shift", sched.shift if shift is None else shift, minimum=0.0, strict=True)
+        guidance_scale = check_finite("guidance_scale", sched.guidance_scale if guidance_scale is None else guidance_scale)
+        if latents is not None and torch.is_tensor(latents) and latents.ndim >= 1 and batch_size == 1:
             batch_size = latents.shape[0]
-        labels, batch_size = self._labels(class_labels, batch_size)
-        guidance_scale = self.scheduler.config.guidance_scale if guidance_scale is None else guidance_scale
+        labels, batch_size = check_class_labels(class_labels, batch_size, self.velocity_model.num_classes)
+        if labels is not None:
+            labels = labels.to(self.device)
         if guidance_scale != 1.0 and labels is None:
             raise ValueError("guidance_scale != 1 needs class_labels (classifier-free guidance of a class-conditional model)")
         dtype = self.velocity_model.dtype
         shape = (batch_size, *self.velocity_model.sample_shape)
+        check_latents(latents, shape)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         latents = latents.to(self.device, dtype)
 
         solver_obj = self.scheduler.make_solver(solver)
-        times = self.scheduler.set_timesteps(num_inference_steps, device=self.device, shift=shift)
+        times = self.scheduler.set_timesteps(steps, device=self.device, shift=shift)
         field = self.velocity_field(labels, guidance_scale)
         expected = None if solver_obj.name == "dopri5" else solver_obj.nfe_per_step * (len(times) - 1)
         with self._nfe_bar(expected) as bar:
@@ -193,7 +175,7 @@ class FlowPipeline(HubSnapshotMixin, DiffusionPipeline):
                 bar.update()
                 return v
 
-            out = solver_obj.solve(counted, latents, times, return_trajectory=return_trajectory)
+            out = sample(counted, latents, solver=solver_obj, times=times, return_trajectory=return_trajectory)
 
         images = postprocess(out.x, output_type, self.is_image_model)
         self.maybe_free_model_hooks()

@@ -2,9 +2,9 @@
 
 It is a diffusers ``SchedulerMixin`` + ``ConfigMixin`` (saved as ``scheduler_config.json``)
 that records how the model was trained (path, prediction type) and how to sample it by
-default (solver, number of steps, time shift, guidance). It builds the flowlab time grid
-and converts model outputs to velocities; the integration itself is done by
-:mod:`flowlab.flow.solvers`.
+default (solver, number of steps, time shift, guidance). It builds the flowlab time grid and
+the solver, and reads the model as a velocity; the integration itself is done by
+:func:`flowlab.flow.sampling.sample`.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from diffusers import SchedulerMixin  # noqa: F401  (diffusers' loader looks for
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import Tensor
 
+from ..flow.conventions import PREDICTION_T_EPS
 from ..flow.parameterization import to_velocity
 from ..flow.paths import AffinePath, get_path
 from ..flow.solvers import SOLVERS, Solver, get_solver, time_grid
@@ -66,19 +67,28 @@ class FlowScheduler(SchedulerMixin, ConfigMixin):
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, shift: float | None = None) -> Tensor:
         """Set and return the flowlab time grid ``(num_inference_steps + 1,)`` from 0 (noise) to 1 (data)."""
-        n = num_inference_steps or self.config.num_inference_steps
+        n = self.config.num_inference_steps if num_inference_steps is None else num_inference_steps
         self.timesteps = time_grid(n, shift=self.config.shift if shift is None else shift, device=device)
         return self.timesteps
 
     def make_solver(self, name: str | None = None) -> Solver:
-        name = name or self.config.solver
-        if name == "dopri5":
-            return get_solver(name, rtol=self.config.rtol, atol=self.config.atol)
-        return get_solver(name, path=self.path)
+        """The named solver (default: the scheduler's) with this scheduler's path and tolerances."""
+        c = self.config
+        return get_solver(name or c.solver, path=self.path, rtol=c.rtol, atol=c.atol)
 
     def to_velocity(self, model_output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """Model output in its prediction type -> velocity on the scheduler's path."""
         return to_velocity(self.path, model_output, x_t, t, self.config.prediction_type)
+
+    def model_velocity(self, model, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """``model(x, t, class_labels)`` read as a velocity ``(B, ...)`` at flowlab times ``t`` ``(B,)``.
+
+        Velocity models are read as is; x1 / epsilon models at ``t`` clamped to
+        ``[PREDICTION_T_EPS, 1 - PREDICTION_T_EPS]`` (see :data:`flowlab.flow.conventions.PREDICTION_T_EPS`).
+        """
+        if self.config.prediction_type != "velocity":
+            t = t.clamp(PREDICTION_T_EPS, 1 - PREDICTION_T_EPS)
+        return self.to_velocity(model(x, t.to(x.dtype), class_labels), x, t)
 
     def __len__(self) -> int:
         return self.config.num_inference_steps

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import CheckpointError
+from ..fileio import PICKLE_SUFFIXES, atomic_write_json, fsync_dir, replace_dir_atomic
 
 __all__ = [
     "CheckpointError",
@@ -28,7 +29,6 @@ __all__ = [
     "finalize_checkpoint",
     "find_resume_checkpoint",
     "prune_checkpoints",
-    "write_json_atomic",
     "replace_dir_atomic",
     "check_weights_only",
     "write_error_message",
@@ -40,7 +40,6 @@ MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 _PATTERN = re.compile(r"^checkpoint-(\d+)$")
 _STALE = re.compile(r"^\.(tmp|old)-checkpoint-\d+$")
-PICKLE_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
 
 
 
@@ -51,42 +50,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: str | os.PathLike, data) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def replace_dir_atomic(tmp: Path, final: Path) -> None:
-    """Move a completed folder ``tmp`` to ``final``, replacing an older ``final`` safely."""
-    tmp, final = Path(tmp), Path(final)
-    old = final.with_name(f".old-{final.name}")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def write_error_message(error: OSError, target: str | os.PathLike) -> str:
@@ -120,15 +83,15 @@ def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
 def finalize_checkpoint(tmp_dir: Path, final_dir: Path, state: dict) -> None:
     """Add ``trainer_state.json`` and the manifest to ``tmp_dir`` and move it to ``final_dir``."""
     tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
-    write_json_atomic(tmp_dir / STATE, state)
+    atomic_write_json(tmp_dir / STATE, state)
     files = {}
     for p in sorted(tmp_dir.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
             files[str(p.relative_to(tmp_dir))] = {"size": p.stat().st_size, "sha256": _sha256(p)}
-    write_json_atomic(tmp_dir / MANIFEST, {"step": state.get("step"), "files": files})
-    _fsync_dir(tmp_dir)
+    atomic_write_json(tmp_dir / MANIFEST, {"step": state.get("step"), "files": files})
+    fsync_dir(tmp_dir)
     replace_dir_atomic(tmp_dir, final_dir)
 
 

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from ..fileio import atomic_path
 
 __all__ = ["make_grid", "scatter_image", "save_sample_grid"]
 
@@ -41,8 +42,5 @@ def save_sample_grid(samples: torch.Tensor, path: str | os.PathLike) -> None:
     """Save images ``(N, C, H, W)`` in [0, 1] as a grid, or 2-D vectors ``(N, 2)`` as a scatter render."""
     arr = make_grid(samples) if samples.ndim == 4 else scatter_image(samples)
     img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")

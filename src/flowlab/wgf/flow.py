@@ -16,7 +16,10 @@ model and its path and offers
 * :meth:`ProbabilityFlow.sample`: any flowlab solver (``euler``, ``midpoint``, ``heun``,
   ``multistep``, ``dopri5``) at any step count, or with ``eta > 0`` the stochastic family
   with the same marginals (Euler–Maruyama on
-  ``dx = [v + (eta^2 / 2) g^2 score] dt + eta g dW``; ``eta = 1`` is the reverse-time SDE);
+  ``dx = [v + (eta^2 / 2) g^2 score] dt + eta g dW``; ``eta = 1`` is the reverse-time SDE),
+  both through :func:`flowlab.flow.sampling.sample`; the family is
+  :class:`flowlab.flow.sde.MarginalSDE`, the same one FlowGRPO samples (``noise_level = sqrt(2) eta``
+  on the linear path);
 * :meth:`ProbabilityFlow.log_likelihood`: exact or Hutchinson log-likelihoods of the
   field (through :func:`flowlab.flow.likelihood.log_likelihood`).
 """
@@ -28,10 +31,12 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..flow.conventions import PREDICTION_T_EPS
 from ..flow.likelihood import LikelihoodOutput, log_likelihood
 from ..flow.parameterization import PREDICTION_TYPES, convert
 from ..flow.paths import AffinePath
-from ..flow.solvers import SolverOutput, get_solver, time_grid
+from ..flow.sampling import SampleOutput, sample
+from ..flow.sde import MarginalSDE, diffusion_coefficient
 from .schedule import DiscreteSchedulePath
 
 __all__ = [
@@ -55,17 +60,6 @@ def diffusers_v_to_epsilon(path: AffinePath, v: Tensor, x_t: Tensor, t: Tensor) 
     """
     a, s, _, _ = path.coefficients(t, x_t)
     return (s * x_t + a * v) / (a * a + s * s)
-
-
-def diffusion_coefficient(path: AffinePath, t: Tensor, like: Tensor) -> Tensor:
-    """``g^2(t) = 2 sigma (sigma alpha'/alpha - sigma')``, broadcast like ``like``; 0 where ``alpha = 0``.
-
-    It is the squared diffusion of the forward SDE that has the path's marginals, and
-    ``v = (alpha'/alpha) x + (g^2 / 2) score``.
-    """
-    a, s, da, ds = path.coefficients(t, like)
-    g2 = 2 * s * (s * da / a.clamp_min(1e-12) - ds)
-    return torch.where(a > 0, g2, torch.zeros_like(g2)).clamp_min(0)
 
 
 class ProbabilityFlow:
@@ -145,7 +139,7 @@ class ProbabilityFlow:
     def from_flow_pipeline(cls, pipe, class_labels: Tensor | None = None, guidance_scale: float = 1.0) -> "ProbabilityFlow":
         """A flowlab ``FlowPipeline`` (its model, path and prediction type; guidance included)."""
         field = pipe.velocity_field(class_labels, guidance_scale)  # converts to velocity, clamps t
-        t_range = (0.0, 1.0) if pipe.scheduler.config.prediction_type == "velocity" else (1e-3, 1 - 1e-3)
+        t_range = (0.0, 1.0) if pipe.scheduler.config.prediction_type == "velocity" else (PREDICTION_T_EPS, 1 - PREDICTION_T_EPS)
         return cls(field, pipe.scheduler.path, "velocity", t_range=t_range)
 
     # ------------------------------------------------------------------ fields
@@ -204,26 +198,21 @@ class ProbabilityFlow:
         return_trajectory: bool = False,
         rtol: float = 1e-5,
         atol: float = 1e-5,
-    ) -> SolverOutput:
-        """Integrate from noise ``x`` at ``t = 0`` to data at ``t = 1``.
+    ) -> SampleOutput:
+        """Integrate from noise ``x`` at ``t = 0`` to data at ``t = 1`` (:func:`flowlab.flow.sampling.sample`).
 
         ``eta = 0``: the probability-flow ODE with the named solver (``multistep`` is
         DPM-Solver++(2M) on this path; its first-order step is exactly DDIM(eta=0)).
         ``eta > 0``: Euler–Maruyama on the stochastic family with the same marginals
-        (``solver`` must then be ``euler``); see :func:`sample_sde`.
+        (``solver`` must then be ``euler``); see :class:`flowlab.flow.sde.MarginalSDE`.
         """
-        times = time_grid(num_inference_steps, shift=shift, device=x.device)
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
-        if eta > 0:
-            if solver != "euler":
-                raise ValueError(f"eta > 0 samples the SDE with Euler–Maruyama: pass solver='euler', not {solver!r}")
-            return sample_sde(self, x, times, eta, generator=generator, return_trajectory=return_trajectory)
-        if solver == "dopri5":
-            s = get_solver("dopri5", rtol=rtol, atol=atol)
-        else:
-            s = get_solver(solver, path=self.path)
-        return s.solve(self.velocity, x, times, return_trajectory=return_trajectory)
+        if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
+            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+        sde = MarginalSDE.from_eta(self.path, eta) if eta > 0 else None
+        return sample(
+            self.velocity, x, solver=solver, num_steps=num_inference_steps, shift=shift, path=self.path, rtol=rtol, atol=atol,
+            sde=sde, generator=generator, return_trajectory=return_trajectory,
+        )
 
     def log_likelihood(
         self,
@@ -238,7 +227,6 @@ class ProbabilityFlow:
         return log_likelihood(self.velocity, x_1, solver=solver, num_steps=num_steps, estimator=estimator, generator=generator)
 
 
-@torch.no_grad()
 def sample_sde(
     flow: ProbabilityFlow,
     x: Tensor,
@@ -246,28 +234,14 @@ def sample_sde(
     eta: float = 1.0,
     generator: torch.Generator | None = None,
     return_trajectory: bool = False,
-) -> SolverOutput:
-    """Euler–Maruyama on ``dx = [v + (eta^2/2) g^2 score] dt + eta g dW`` along increasing ``times``.
+) -> SampleOutput:
+    """Euler–Maruyama on ``dx = [v + (eta^2/2) g^2 score] dt + eta g dW`` along increasing ``times``:
+    :func:`flowlab.flow.sampling.sample` with ``MarginalSDE.from_eta(flow.path, eta)``.
 
-    Every ``eta >= 0`` has the marginals ``p_t`` of the probability-flow ODE (the extra drift
-    and the noise cancel in the Fokker–Planck equation); ``eta = 1`` is the reverse-time SDE of
-    the forward process. No noise is added on the last step (the output is the mean), and
-    the step is deterministic where ``alpha_t = 0`` (``g`` is infinite there, e.g. at
-    ``t = 0`` on the linear path). Euler–Maruyama needs ``g^2 h`` small: use more steps
-    for larger ``eta`` (one network evaluation per step).
+    Every ``eta >= 0`` has the marginals ``p_t`` of the probability-flow ODE; ``eta = 1`` is the
+    reverse-time SDE of the forward process. No noise is added on the last step (the output is
+    the mean), and the step is deterministic where ``alpha_t = 0`` (``g`` is infinite there, e.g.
+    at ``t = 0`` on the linear path). Euler–Maruyama needs ``g^2 h`` small: use more steps for
+    larger ``eta`` (one network evaluation per step).
     """
-    traj = [x] if return_trajectory else None
-    n = len(times) - 1
-    for i in range(n):
-        t, t_next = float(times[i]), float(times[i + 1])
-        h = t_next - t
-        tb = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
-        v, s = flow.velocity_and_score(x, tb)
-        g2 = diffusion_coefficient(flow.path, flow._clamp(tb), x)
-        x = x + h * (v + 0.5 * eta**2 * g2 * s)
-        if i < n - 1:
-            z = torch.randn(x.shape, generator=generator, device="cpu" if generator is None else generator.device, dtype=x.dtype).to(x.device)
-            x = x + eta * torch.sqrt(g2 * h) * z
-        if traj is not None:
-            traj.append(x)
-    return SolverOutput(x=x, nfe=n, times=times, trajectory=traj)
+    return sample(flow.velocity, x, times=times, sde=MarginalSDE.from_eta(flow.path, eta), generator=generator, return_trajectory=return_trajectory)

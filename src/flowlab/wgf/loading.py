@@ -16,10 +16,16 @@ def load_probability_flow(path: str, prediction_type: str | None = None) -> tupl
     A ``FlowPipeline`` folder is read through its scheduler's path and prediction type; any
     other ``model_index.json`` with ``unet`` + ``scheduler`` components (``DDPMPipeline``,
     ``DDIMPipeline``, ``WGFPipeline``) through :class:`~flowlab.wgf.pipeline.WGFPipeline`.
+
+    Raises:
+        FileNotFoundError: ``no such folder: <path>``, or a folder that is no pipeline (for a
+            training run folder, with the hint to load ``<run>/pipeline``).
     """
-    index = os.path.join(path, "model_index.json")
-    if not os.path.isfile(index):
-        raise FileNotFoundError(f"{path!r} holds no model_index.json (a saved pipeline folder)")
+    from ..pipelines.loading import PIPELINE_INDEX, check_pipeline_folder
+
+    path = os.path.expanduser(path)
+    check_pipeline_folder(path)
+    index = os.path.join(path, PIPELINE_INDEX)
     with open(index) as f:
         cls_name = json.load(f).get("_class_name")
     if cls_name == "FlowPipeline":

@@ -10,8 +10,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from ..flow.likelihood import LikelihoodOutput
-from ..pipelines.flow_pipeline import FlowPipelineOutput, HubSnapshotMixin, check_output_type, postprocess
-from .flow import ProbabilityFlow
+from ..pipelines.arguments import check_class_labels, check_finite, check_latents, check_output_type, check_positive_int, check_solver
+from ..pipelines.flow_pipeline import FlowPipelineOutput, HubSnapshotMixin, postprocess
+from .flow import DIFFUSERS_PREDICTION_TYPES, ProbabilityFlow
 
 __all__ = ["WGFPipeline"]
 
@@ -74,28 +75,44 @@ class WGFPipeline(HubSnapshotMixin, DiffusionPipeline):
         """Draw samples.
 
         Args:
-            batch_size: number of samples (taken from ``latents`` when given).
-            num_inference_steps: solver steps on the flowlab grid (ignored by ``dopri5``).
+            batch_size: number of samples (taken from ``latents`` or a list of ``class_labels`` when given).
+            num_inference_steps: solver steps on the flowlab grid, ``>= 1`` (ignored by ``dopri5``).
             solver: ``euler``, ``midpoint``, ``heun``, ``multistep`` or ``dopri5``; default
                 ``multistep`` (DPM-Solver++(2M), 1 NFE/step) for ``eta = 0``, ``euler``
                 (Euler–Maruyama, the only choice) for ``eta > 0``.
-            eta: 0 = probability-flow ODE, 1 = reverse-time SDE, in between: same marginals.
-            shift: SD3 time shift of the grid (``> 1``: more steps near noise).
-            class_labels: for class-conditional UNets (``model(..., class_labels=...)``).
+            eta: 0 = probability-flow ODE, 1 = reverse-time SDE, in between: same marginals
+                (:class:`flowlab.flow.sde.MarginalSDE`).
+            shift: SD3 time shift of the grid, ``> 0`` (``> 1``: more steps near noise).
+            class_labels: for class-conditional UNets (``model(..., class_labels=...)``): an int for
+                every sample, or one label per sample (``< num_class_embeds`` when the UNet sets it).
             prediction_type: override the scheduler's (``epsilon``, ``sample``, ``v_prediction``, ``score``).
             output_type: ``pil``, ``np``, ``pt`` (images in [0, 1]) or ``latent`` (raw, model space).
+
+        Raises:
+            ValueError: any invalid argument, named with its value, before anything is sampled.
         """
         check_output_type(output_type)
-        solver = solver or ("multistep" if eta == 0 else "euler")
-        if latents is not None:
+        batch_size = check_positive_int("batch_size", batch_size)
+        num_inference_steps = check_positive_int("num_inference_steps", num_inference_steps)
+        eta = check_finite("eta", eta, minimum=0.0)
+        solver = check_solver(solver or ("multistep" if eta == 0 else "euler"))
+        if eta > 0 and solver != "euler":
+            raise ValueError(f"solver must be 'euler' (Euler–Maruyama) for eta > 0, got {solver!r}")
+        shift = check_finite("shift", shift, minimum=0.0, strict=True)
+        if prediction_type is not None and prediction_type not in DIFFUSERS_PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {sorted(DIFFUSERS_PREDICTION_TYPES)} or None, got {prediction_type!r}")
+        if timestep_input not in ("continuous", "discrete"):
+            raise ValueError(f"timestep_input must be 'continuous' or 'discrete', got {timestep_input!r}")
+        if latents is not None and torch.is_tensor(latents) and latents.ndim >= 1:
             batch_size = latents.shape[0]
+        num_classes = getattr(self.unet.config, "num_class_embeds", None)
+        class_labels, batch_size = check_class_labels(class_labels, batch_size, num_classes)
+        if class_labels is not None:
+            class_labels = class_labels.to(self.device)
         shape = (batch_size, *self.sample_shape)
+        check_latents(latents, shape)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        if class_labels is not None:
-            class_labels = torch.as_tensor(class_labels, device=self.device).long().reshape(-1).expand(batch_size)
         flow = self.probability_flow(prediction_type, class_labels, timestep_input)
         out = flow.sample(latents.to(self.device), num_inference_steps, solver, eta=eta, shift=shift, generator=generator, return_trajectory=return_trajectory)
         images = postprocess(out.x, output_type)
