@@ -5,10 +5,6 @@
     python eval/bench_peers.py --pipeline runs/quickstart/pipeline --json out.json      # reuse a digits pipeline
     python eval/bench_peers.py --quick --json quick.json                                # smoke test (~1 min)
 
-The full run takes about 20-25 minutes on a quiet 2-core CPU with one torch thread (training the
-quickstart pipeline ~4 min, sampling ~3 min, likelihoods ~2 min, OT-CFM training ~15 min), and
-68 minutes on a heavily contended one (load 10-19 on 2 cores; docs/benchmarks.md);
-``--pipeline`` skips the training of the digits model. ``--quick`` takes 10-60 seconds.
 The peers are a benchmark-only extra: ``pip install -e .[peers]`` (``flow_matching`` is
 CC-BY-NC and never imported by ``src/flowlab``).
 
@@ -59,6 +55,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+RUNTIME = """Runtime of the default run (--threads 1): about 20-25 min on a quiet 2-core CPU (training the quickstart
+pipeline ~4 min, sampling ~3 min, likelihoods ~2 min, OT-CFM training ~15 min); 68 min (4,087 s) on the shared
+2-core CPU under heavy load from other jobs (load 9-19; docs/benchmarks.md). --pipeline skips the training of the
+digits model; --quick takes 10-60 s."""
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART_CONFIG = REPO / "configs" / "quickstart.yaml"
 TOY_CONFIG = REPO / "configs" / "toy2d.yaml"
@@ -83,8 +83,7 @@ def _names(s: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=RUNTIME, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke-test sizes: tiny models, few samples, steps and repeats (~1 min)")
     p.add_argument("--json", type=str, default=None, help="write every figure here")
     p.add_argument("--workdir", type=str, default=None, help="where training runs go (default: a temporary folder, removed at the end)")
