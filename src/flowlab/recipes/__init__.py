@@ -34,7 +34,7 @@ from .flow_matching.config import SECTIONS as _FLOW_MATCHING_SECTIONS
 from .chain_config import ChainConfig
 from .reversal_config import ReversalConfig
 
-__all__ = ["RECIPES", "load_config", "config_from_dict", "config_to_dict", "get_recipe", "train", "Trainer", "Config"]
+__all__ = ["RECIPES", "load_config", "config_from_dict", "config_to_dict", "get_recipe", "train", "train_benchmark_runs", "Trainer", "Config"]
 
 
 def _flow_matching():
@@ -102,6 +102,22 @@ def train(config: Config, *, log=print) -> str:
         train(pre, log=log)
     Trainer(config, recipe=recipe).train()
     return os.fspath(config.output_dir)
+
+
+def train_benchmark_runs(configs: dict[str, str], workdir: str, prefix: str, overrides: list[str] = ()) -> dict[str, tuple[str, float]]:
+    """Train several config files for a benchmark script, each in ``<workdir>/<prefix>_<key>`` (overwritten,
+    no trackers, no periodic evaluation: the script evaluates once at the end). ``configs`` maps a key to a
+    YAML path; ``overrides`` apply to every run. Returns ``{key: (output_dir, seconds)}``."""
+    import time
+
+    runs = {}
+    for key, path in configs.items():
+        out = os.path.join(workdir, f"{prefix}_{key}")
+        cfg = load_config(path, [f"output_dir={out}", "train.overwrite=true", "train.report_to=none", "eval.enabled=false", *overrides])
+        t0 = time.perf_counter()
+        train(cfg)
+        runs[key] = (out, time.perf_counter() - t0)
+    return runs
 
 
 def __getattr__(name: str):
