@@ -98,9 +98,8 @@ class SD3Policy(Policy):
         self.tokenizer, self.tokenizer_2, self.tokenizer_3 = tokenizer, tokenizer_2, tokenizer_3
         self.text_encoder, self.text_encoder_2, self.text_encoder_3 = text_encoder, text_encoder_2, text_encoder_3
         self.vae = vae
-        for m in self._frozen_modules():
-            _cast(m, dtype).requires_grad_(False).eval()
-        _cast(vae, torch.float32)  # latents decode for rewards in float32, as the references do
+        for m in self._frozen_modules():  # the VAE stays float32: latents decode for rewards in float32, as the references do
+            _cast(m, torch.float32 if m is vae else dtype).requires_grad_(False).eval()
         self.transformer = transformer
         self.compute_dtype = dtype
         self.resolution = int(resolution)
@@ -168,7 +167,8 @@ class SD3Policy(Policy):
                     components[name] = None
             with warnings.catch_warnings():  # diffusers >= 0.40 renames torch_dtype to dtype; >= 0.35 takes both
                 warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-                pipe = StableDiffusion3Pipeline.from_pretrained(base, torch_dtype=dtype, **components)
+                # the VAE loads in float32 (latents decode for rewards in float32); the rest in `dtype`
+                pipe = StableDiffusion3Pipeline.from_pretrained(base, torch_dtype={"default": dtype, "vae": torch.float32}, **components)
         except Exception as e:  # a loader boundary: missing folder, offline Hub id, wrong pipeline kind, ...
             raise ConfigError(f"rl.base: cannot load a StableDiffusion3Pipeline from {base!r}: {type(e).__name__}: {e}") from None
         return cls(
