@@ -24,7 +24,6 @@ from / to diffusers' sigma convention only inside :mod:`flowlab.flow.conventions
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 from abc import abstractmethod
 from dataclasses import dataclass, field
@@ -50,8 +49,6 @@ from .memory import SavedActivationMeter, static_memory
 from .policy import FlowPolicy, LoraSpec, Policy
 
 __all__ = ["NFTConfig", "GRPOConfig", "RLRecipe", "NFTRecipe", "FlowGRPORecipe", "ConditionDataset", "Rollout"]
-
-logger = logging.getLogger("flowlab")
 
 
 class ConditionDataset(torch.utils.data.Dataset):
@@ -200,10 +197,10 @@ class RLRecipe(Recipe):
             "memory/weights_gb": mem.weights / 2**30, "memory/optimizer_state_gb": mem.optimizer_state / 2**30,
             "memory/gradients_gb": mem.gradients / 2**30,
         }
-        logger.info(
-            "flowlab rl: %d images per backward part, %d per rollout chunk (per process); weights %.3f GB, "
-            "optimiser state %.3f GB, gradients %.3f GB; activations are measured on the first part",
-            per_part, per_chunk, mem.weights / 2**30, mem.optimizer_state / 2**30, mem.gradients / 2**30,
+        PartialState().print(
+            f"flowlab rl: {per_part} images per backward part, {per_chunk} per rollout chunk (per process); "
+            f"weights {mem.weights / 2**30:.3f} GB, optimiser state {mem.optimizer_state / 2**30:.3f} GB, "
+            f"gradients {mem.gradients / 2**30:.3f} GB; activations are measured on the first part"
         )
 
     def _sd3_policy(self, rl: SD3RLConfig) -> Policy:
@@ -223,7 +220,7 @@ class RLRecipe(Recipe):
         prompts = list(self.train_set.prompts) + (list(self.eval_set.prompts) if self.eval_set is not None else [])
         size = policy.cache_prompt_embeddings(prompts)
         self._memory_logs["memory/prompt_cache_gb"] = size / 2**30
-        logger.info("flowlab rl: cached the embeddings of %d prompts (%.3f GB, CPU); text encoders moved to the CPU", len(set(prompts)), size / 2**30)
+        PartialState().print(f"flowlab rl: cached the embeddings of {len(set(prompts))} prompts ({size / 2**30:.3f} GB, CPU); text encoders moved to the CPU")
 
 
     def _flowlab_policy(self, rl: FlowlabRLConfig) -> Policy:
@@ -358,7 +355,7 @@ class RLRecipe(Recipe):
                 first = next(parts, None)
             self._first_step_done = True
             self._memory_logs["memory/activations_per_part_gb"] = meter.bytes / 2**30
-            logger.info("flowlab rl: activations saved by one backward part: %.3f GB", meter.bytes / 2**30)
+            PartialState().print(f"flowlab rl: activations saved by one backward part: {meter.bytes / 2**30:.3f} GB")
             logs = {**logs, **self._memory_logs}
             parts = itertools.chain([first] if first is not None else [], parts)
         head = True
