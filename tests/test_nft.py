@@ -325,7 +325,7 @@ def test_two_processes_match_one(recipe, tiny_base, tmp_path):
 def test_asynchronous_chunked_rewards_match_synchronous(tiny_base, tmp_path):
     sync, asyn = tmp_path / "sync", tmp_path / "async"
     train(*_rl_args("nft", sync, tiny_base, "train.max_steps=2"))
-    train(*_rl_args("nft", asyn, tiny_base, "train.max_steps=2", "rl.reward_workers=2", "rl.rollout_chunks=2"))
+    train(*_rl_args("nft", asyn, tiny_base, "train.max_steps=2", "rl.reward_workers=2", "rl.micro_batch=3"))
     ra = [r["reward_mean"] for r in _metrics(sync) if "reward_mean" in r]
     rb = [r["reward_mean"] for r in _metrics(asyn) if "reward_mean" in r]
     assert ra == pytest.approx(rb, abs=1e-5)

@@ -14,12 +14,27 @@ from torch import Tensor
 
 from .solvers import Field
 
-__all__ = ["ModelFn", "guided_field"]
+__all__ = ["ModelFn", "guided_field", "combine_guidance"]
 
 ModelFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
 
-def guided_field(model_fn: ModelFn, class_labels: Tensor | None = None, guidance_scale: float = 1.0, null_label: int | None = None) -> Field:
+def combine_guidance(v_cond: Tensor, v_uncond: Tensor, guidance_scale: float, detach_unconditional: bool = False) -> Tensor:
+    """The guided velocity ``v_uncond + w (v_cond - v_uncond)`` (shapes of ``v_cond``).
+
+    ``detach_unconditional`` stops gradients through ``v_uncond`` (FlowGRPO's training forward:
+    ``noise_pred_uncond.detach()``, flow_grpo ``scripts/train_sd3.py`` ``compute_log_prob``), so
+    only the conditional branch is trained; the value is unchanged.
+    """
+    if detach_unconditional:
+        v_uncond = v_uncond.detach()
+    return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+
+def guided_field(
+    model_fn: ModelFn, class_labels: Tensor | None = None, guidance_scale: float = 1.0, null_label: int | None = None,
+    detach_unconditional: bool = False,
+) -> Field:
     """Turn ``model_fn(x, t, labels) -> v`` into a field ``(x, t) -> v`` with CFG.
 
     Args:
@@ -27,6 +42,7 @@ def guided_field(model_fn: ModelFn, class_labels: Tensor | None = None, guidance
         class_labels: ``(B,)`` integer labels, or ``None``.
         guidance_scale: CFG weight ``w``; 1 disables the unconditional branch.
         null_label: index of the null class (required when ``guidance_scale != 1``).
+        detach_unconditional: no gradient through the null branch (see :func:`combine_guidance`).
     """
     if class_labels is None or guidance_scale == 1.0:
         return lambda x, t: model_fn(x, t, class_labels)
@@ -37,6 +53,6 @@ def guided_field(model_fn: ModelFn, class_labels: Tensor | None = None, guidance
 
     def field(x: Tensor, t: Tensor) -> Tensor:
         v_cond, v_null = model_fn(torch.cat([x, x]), torch.cat([t, t]), labels2).chunk(2)
-        return v_null + guidance_scale * (v_cond - v_null)
+        return combine_guidance(v_cond, v_null, guidance_scale, detach_unconditional)
 
     return field

@@ -12,8 +12,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..errors import ConfigError
+from typing import TYPE_CHECKING
+
+from ..errors import ConfigError, DataError
 from ..schema import TaggedUnion, choices
+
+if TYPE_CHECKING:
+    from ..data.prompts import PromptSet
+
+#: The forms of :mod:`flowlab.data.prompts` (``PROMPT_FORMATS``; not imported here: this module stays torch-free).
+PROMPT_FORMATS = ("auto", "txt", "jsonl", "hf")
 
 __all__ = ["FlowlabRLConfig", "SD3RLConfig", "RL_CONFIG", "NFTConfig", "GRPOConfig", "RL_SOLVERS"]
 
@@ -30,7 +38,10 @@ class _RLConfig:
     group_size: int = field(default=8, metadata={"min": 2})  # G samples per condition
     rewards: list[dict] = field(default_factory=lambda: [{"name": "digits_classifier", "target": 3}])
     reward_workers: int = field(default=0, metadata={"min": 0})  # > 0: score chunks asynchronously
-    rollout_chunks: int = field(default=1, metadata={"min": 1})  # rollouts in chunks (overlap with async rewards)
+    reward_combine: str = field(default="zscore", metadata=choices("zscore", "sum"))  # several rewards: global z-scores, or the reference's weighted raw sum
+    micro_batch: int = field(default=0, metadata={"min": 0})  # samples per forward/backward part and per rollout chunk, per process (0: all)
+    steps_per_rollout: int = field(default=1, metadata={"min": 1})  # optimiser steps per rollout batch (reference: gradient_step_per_epoch)
+    gradient_checkpointing: bool = False  # recompute the trained network's activations in the backward pass
     solver: str = field(default="multistep", metadata=choices(*RL_SOLVERS))
     num_inference_steps: int = field(default=10, metadata={"min": 1})
     shift: float = field(default=1.0, metadata={"min": 1e-6})
@@ -43,6 +54,7 @@ class _RLConfig:
     eval_samples: int = field(default=256, metadata={"min": 2})
     eval_solver: str = field(default="multistep", metadata=choices(*RL_SOLVERS))
     eval_steps: int = field(default=20, metadata={"min": 1})
+    eval_guidance_scale: float = 1.0  # CFG of evaluation samples (1: none)
 
     def check(self, config) -> None:
         """Checks across keys (called when the config is validated; raises :class:`ConfigError`)."""
@@ -54,6 +66,14 @@ class _RLConfig:
     def conditions(self) -> list:
         """The conditions rollouts draw from (``None``: unconditional)."""
         raise NotImplementedError
+
+    def prompt_sets(self) -> tuple[PromptSet, PromptSet | None]:
+        """The training conditions with their reward metadata, and the held-out evaluation set (or
+        ``None``: evaluation draws from the training conditions)."""
+        from ..data.prompts import PromptSet
+
+        conds = self.conditions()
+        return PromptSet(conds, [{"condition": c} for c in conds], source="rl.class_labels"), None
 
     def missing_base_config(self) -> Optional[str]:
         """The config that trains ``rl.base`` when it is a local folder that does not exist yet, else ``None``."""
@@ -90,13 +110,30 @@ class FlowlabRLConfig(_RLConfig):
 
 @dataclass(kw_only=True)
 class SD3RLConfig(_RLConfig):
-    """``rl.pipeline: sd3``: a diffusers Stable Diffusion 3 pipeline, conditioned on prompts."""
+    """``rl.pipeline: sd3``: a diffusers Stable Diffusion 3 pipeline, conditioned on prompts.
+
+    Prompts come from ``rl.prompts`` (a list) and/or ``rl.prompts_file``, in any form of
+    :mod:`flowlab.data.prompts` (``.txt``; ``.jsonl`` whose other fields are per-prompt reward
+    metadata; a Hugging Face dataset by Hub name or folder, with ``prompts_split`` / ``prompts_column``).
+    The held-out evaluation set (``rl.eval_prompts`` / ``rl.eval_prompts_file``, same forms) is
+    scored every ``eval.every`` steps; without one, evaluation draws from the training prompts.
+    """
 
     pipeline: str = field(default="sd3", metadata=choices("sd3"))
-    prompts: list[str] = field(default_factory=list)  # or rl.prompts_file, one per line
-    prompts_file: Optional[str] = None
+    prompts: list[str] = field(default_factory=list)
+    prompts_file: Optional[str] = None  # .txt / .jsonl / a dataset (see flowlab.data.prompts)
+    prompts_format: str = field(default="auto", metadata=choices(*PROMPT_FORMATS))
+    prompts_split: str = "train"
+    prompts_column: str = "prompt"
+    eval_prompts: list[str] = field(default_factory=list)
+    eval_prompts_file: Optional[str] = None
+    eval_prompts_format: str = field(default="auto", metadata=choices(*PROMPT_FORMATS))
+    eval_prompts_split: str = "test"
+    eval_prompts_column: Optional[str] = None  # default: prompts_column
+    eval_max_prompts: int = field(default=0, metadata={"min": 0})  # the first N held-out prompts (0: all)
     resolution: int = field(default=512, metadata={"min": 8})
     max_sequence_length: int = field(default=77, metadata={"min": 1})
+    cache_prompt_embeddings: bool = False  # encode the fixed prompt sets once, then free the text encoders
 
     def check(self, config) -> None:
         super().check(config)
@@ -123,14 +160,39 @@ class SD3RLConfig(_RLConfig):
         return {"usage": usage, "tags": tags, "pipeline_tag": "text-to-image"}
 
     def conditions(self) -> list:
-        prompts = list(self.prompts)
-        if self.prompts_file:
-            try:
-                with open(self.prompts_file, encoding="utf-8") as f:
-                    prompts += [line.strip() for line in f if line.strip()]
-            except OSError as e:
-                raise ConfigError(f"rl.prompts_file: cannot read {self.prompts_file}: {e.strerror}") from None
-        return prompts
+        return self.prompt_sets()[0].prompts
+
+    def prompt_sets(self) -> tuple[PromptSet, PromptSet | None]:
+        """``rl.prompts`` + ``rl.prompts_file``, and ``rl.eval_prompts`` + ``rl.eval_prompts_file`` (or ``None``).
+
+        Raises:
+            ConfigError: naming the key whose file or dataset cannot be read.
+        """
+        train = _join(self.prompts, "rl.prompts_file", self.prompts_file, self.prompts_format, self.prompts_split, self.prompts_column)
+        if not (self.eval_prompts or self.eval_prompts_file):
+            return train, None
+        column = self.eval_prompts_column or self.prompts_column
+        held_out = _join(self.eval_prompts, "rl.eval_prompts_file", self.eval_prompts_file, self.eval_prompts_format, self.eval_prompts_split, column)
+        if self.eval_max_prompts and len(held_out) > self.eval_max_prompts:
+            k = self.eval_max_prompts
+            held_out = type(held_out)(held_out.prompts[:k], held_out.metadata[:k], held_out.source)
+        return train, held_out
+
+
+def _join(listed: list[str], key: str, path: Optional[str], format: str, split: str, column: str) -> PromptSet:
+    """Prompts listed in the config (no metadata) followed by those of ``path`` (any form of
+    :func:`flowlab.data.prompts.load_prompts`)."""
+    from ..data.prompts import PromptSet, load_prompts
+
+    prompts, metadata = list(listed), [{} for _ in listed]
+    if path:
+        try:
+            loaded = load_prompts(path, format, split, column)
+        except DataError as e:
+            raise ConfigError(f"{key}: {e}") from None
+        prompts += loaded.prompts
+        metadata += loaded.metadata
+    return PromptSet(prompts, metadata, source=path or key.replace("_file", ""))
 
 
 RL_CONFIG = TaggedUnion(name="rl", tag="pipeline", variants={"flowlab": FlowlabRLConfig, "sd3": SD3RLConfig}, default="flowlab")

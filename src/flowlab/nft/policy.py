@@ -26,8 +26,10 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..flow.guidance import guided_field
 from ..flow.paths import AffinePath
+from ..flow.solvers import time_grid
 
 __all__ = ["Policy", "FlowPolicy", "LoraSpec", "ROLES"]
 
@@ -35,17 +37,20 @@ ROLES = ("current", "old", "ref")
 
 
 class LoraSpec:
-    """LoRA settings: rank ``r``, scaling ``alpha`` and the target module names (peft ``target_modules``)."""
+    """LoRA settings: rank ``r``, scaling ``alpha``, the target module names (peft ``target_modules``)
+    and peft's ``init_lora_weights``: ``"gaussian"`` (``A ~ N(0, 1/r)``, ``B = 0``) as the references
+    (NVlabs/DiffusionNFT ``scripts/train_nft_sd3.py`` line 431, flow_grpo ``scripts/train_sd3.py``), or
+    ``True`` (peft's Kaiming-uniform ``A``). Either way ``B = 0``: the adapted model starts as the base."""
 
-    def __init__(self, rank: int, alpha: float, target_modules: Sequence[str]):
+    def __init__(self, rank: int, alpha: float, target_modules: Sequence[str], init: str | bool = "gaussian"):
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        self.rank, self.alpha, self.target_modules = int(rank), float(alpha), list(target_modules)
+        self.rank, self.alpha, self.target_modules, self.init = int(rank), float(alpha), list(target_modules), init
 
     def peft_config(self):
         from peft import LoraConfig
 
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=self.target_modules, init_lora_weights=True)
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=self.target_modules, init_lora_weights=self.init)
 
 
 def add_policy_adapters(network: nn.Module, lora: LoraSpec) -> None:
@@ -90,10 +95,28 @@ class Policy(nn.Module, ABC):
     # ----------------------------------------------------------------- roles
     def forward(self, x: Tensor, t: Tensor, cond: Any, guidance_scale: float = 1.0) -> Tensor:
         """The current policy's velocity (with gradients); ``guidance_scale != 1``: its guided field
-        (:meth:`field`), e.g. FlowGRPO's step likelihoods of rollouts sampled with CFG."""
+        (:meth:`field`), e.g. FlowGRPO's step likelihoods of rollouts sampled with CFG, with the
+        unconditional branch detached as the reference's training forward does."""
         if guidance_scale != 1.0:
-            return self.field(cond, "current", guidance_scale)(x, t)
+            return self.field(cond, "current", guidance_scale, detach_unconditional=True)(x, t)
         return self._velocity(x, t, cond, "current")
+
+    def time_grid(self, num_steps: int, shift: float = 1.0, device=None) -> Tensor:
+        """The sampler's ``num_steps + 1`` flowlab times from ``0`` (noise) to ``1`` (data), float64:
+        uniform then SD3-shifted (:func:`flowlab.flow.solvers.time_grid`). Policies of a diffusers
+        family override this with their scheduler's own grid."""
+        return time_grid(num_steps, shift=shift, device=device)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the trained network's activations in the backward pass (diffusers models).
+
+        Raises:
+            ConfigError: naming ``rl.gradient_checkpointing`` when the network does not support it.
+        """
+        net = self.network
+        if not getattr(net, "_supports_gradient_checkpointing", False) or not hasattr(net, "enable_gradient_checkpointing"):
+            raise ConfigError(f"rl.gradient_checkpointing: {type(net).__name__} does not support gradient checkpointing")
+        net.enable_gradient_checkpointing()
 
     def velocity(self, x: Tensor, t: Tensor, cond: Any, role: str = "current") -> Tensor:
         """The velocity of ``role`` (``current``, ``old`` or ``ref``)."""
@@ -104,9 +127,10 @@ class Policy(nn.Module, ABC):
     @abstractmethod
     def _velocity(self, x: Tensor, t: Tensor, cond: Any, role: str) -> Tensor: ...
 
-    def field(self, cond: Any, role: str = "current", guidance_scale: float = 1.0):
+    def field(self, cond: Any, role: str = "current", guidance_scale: float = 1.0, detach_unconditional: bool = False):
         """The sampling field ``(x, t) -> u`` of ``role`` for conditioning ``cond`` (batched like ``x``).
-        Policies that support classifier-free guidance override this for ``guidance_scale != 1``."""
+        Policies that support classifier-free guidance override this for ``guidance_scale != 1``
+        (``detach_unconditional``: no gradient through the unconditional branch)."""
         if guidance_scale != 1.0:
             raise ValueError(f"{type(self).__name__} does not support guidance_scale={guidance_scale}; use 1.0")
         return lambda x, t: self.velocity(x, t, cond, role)
@@ -235,12 +259,14 @@ class FlowPolicy(Policy):
         with self._role(role) as net:
             return self.scheduler.model_velocity(net, x, t, cond)  # the pipeline's reading of the model
 
-    def field(self, cond, role="current", guidance_scale=1.0):
+    def field(self, cond, role="current", guidance_scale=1.0, detach_unconditional=False):
         if guidance_scale == 1.0:
             return super().field(cond, role)
         if self.current.num_classes == 0:
             raise ValueError("guidance_scale != 1 needs a class-conditional base model")
-        return guided_field(lambda x, t, c: self.velocity(x, t, c, role), cond, guidance_scale, self.current.null_label)
+        return guided_field(
+            lambda x, t, c: self.velocity(x, t, c, role), cond, guidance_scale, self.current.null_label, detach_unconditional
+        )
 
     def encode(self, conditions: list) -> Tensor | None:
         net = self.current

@@ -34,7 +34,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..flow.conventions import diffusers_to_velocity, t_to_timestep
+from ..flow.conventions import diffusers_to_velocity, sigma_to_t, t_to_timestep
+from ..flow.guidance import combine_guidance
 from ..flow.paths import AffinePath, LinearPath
 from ..errors import ConfigError
 from .policy import LoraSpec, Policy, add_policy_adapters
@@ -97,8 +98,8 @@ class SD3Policy(Policy):
         self.tokenizer, self.tokenizer_2, self.tokenizer_3 = tokenizer, tokenizer_2, tokenizer_3
         self.text_encoder, self.text_encoder_2, self.text_encoder_3 = text_encoder, text_encoder_2, text_encoder_3
         self.vae = vae
-        for m in self._frozen_modules():
-            _cast(m, dtype).requires_grad_(False).eval()
+        for m in self._frozen_modules():  # the VAE stays float32: latents decode for rewards in float32, as the references do
+            _cast(m, torch.float32 if m is vae else dtype).requires_grad_(False).eval()
         self.transformer = transformer
         self.compute_dtype = dtype
         self.resolution = int(resolution)
@@ -110,6 +111,7 @@ class SD3Policy(Policy):
         if self.resolution % side:
             raise ConfigError(f"rl.resolution: {self.resolution} must be a multiple of {side} (VAE scale factor x patch size)")
         self._negative: dict[tuple, dict[str, Tensor]] = {}
+        self._embedding_cache: dict[str, dict[str, Tensor]] | None = None  # prompt -> CPU embeddings
         self._pipe = None
         # checkpoints hold the transformer (and its old / ref copies) only: the frozen encoders and VAE
         # are the base pipeline's, several GB for SD3.5, and are restored from it
@@ -165,7 +167,8 @@ class SD3Policy(Policy):
                     components[name] = None
             with warnings.catch_warnings():  # diffusers >= 0.40 renames torch_dtype to dtype; >= 0.35 takes both
                 warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-                pipe = StableDiffusion3Pipeline.from_pretrained(base, torch_dtype=dtype, **components)
+                # the VAE loads in float32 (latents decode for rewards in float32); the rest in `dtype`
+                pipe = StableDiffusion3Pipeline.from_pretrained(base, torch_dtype={"default": dtype, "vae": torch.float32}, **components)
         except Exception as e:  # a loader boundary: missing folder, offline Hub id, wrong pipeline kind, ...
             raise ConfigError(f"rl.base: cannot load a StableDiffusion3Pipeline from {base!r}: {type(e).__name__}: {e}") from None
         return cls(
@@ -225,9 +228,26 @@ class SD3Policy(Policy):
             )[0]
         return diffusers_to_velocity(out).to(x.dtype)
 
-    def field(self, cond: dict[str, Tensor], role: str = "current", guidance_scale: float = 1.0):
+    def time_grid(self, num_steps: int, shift: float = 1.0, device=None) -> Tensor:
+        """The sampler's grid as diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps(num_steps)``
+        builds it for this pipeline's scheduler with ``shift``, in flowlab time, float64 ``(num_steps + 1,)``.
+
+        The scheduler spaces ``num_steps`` sigmas uniformly from ``sigma_max`` to its (shifted) smallest
+        training sigma, shifts them, and appends ``0``; for SD3.5 (shift 3, 1000 training steps) the last
+        sigma before ``0`` is about ``0.009``. The references train on exactly these timesteps
+        (``pipeline.scheduler.timesteps``: NVlabs/DiffusionNFT ``scripts/train_nft_sd3.py`` line 662).
+        """
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        base = self.scheduler.config if self.scheduler is not None else FlowMatchEulerDiscreteScheduler().config
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(base, shift=float(shift))
+        scheduler.set_timesteps(num_steps, device="cpu")
+        return sigma_to_t(scheduler.sigmas.double()).to(device)
+
+    def field(self, cond: dict[str, Tensor], role: str = "current", guidance_scale: float = 1.0, detach_unconditional: bool = False):
         """Sampling field of ``role``; ``guidance_scale != 1`` is classifier-free guidance against the
-        negative prompt: ``u = u_neg + w (u_cond - u_neg)``, both branches in one batched forward."""
+        negative prompt: ``u = u_neg + w (u_cond - u_neg)``, both branches in one batched forward
+        (``detach_unconditional``: no gradient through ``u_neg``, see :func:`~flowlab.flow.guidance.combine_guidance`)."""
         if guidance_scale == 1.0:
             return super().field(cond, role)
         n = cond["prompt_embeds"].shape[0]
@@ -236,7 +256,7 @@ class SD3Policy(Policy):
 
         def guided(x: Tensor, t: Tensor) -> Tensor:
             u_cond, u_neg = self.velocity(torch.cat([x, x]), torch.cat([t, t]), both, role).chunk(2)
-            return u_neg + guidance_scale * (u_cond - u_neg)
+            return combine_guidance(u_cond, u_neg, guidance_scale, detach_unconditional)
 
         return guided
 
@@ -263,29 +283,70 @@ class SD3Policy(Policy):
     @torch.no_grad()
     def encode(self, conditions: Sequence[str]) -> dict[str, Tensor]:
         """Prompts -> ``{"prompt_embeds": (B, L, D), "pooled_prompt_embeds": (B, P)}`` through the
-        pipeline's ``encode_prompt`` (each distinct prompt encoded once)."""
+        pipeline's ``encode_prompt`` (each distinct prompt encoded once), on the transformer's device.
+        With the embedding cache on (:meth:`cache_prompt_embeddings`), cached prompts are looked up
+        and new ones are encoded and added."""
         prompts = ["" if c is None else str(c) for c in conditions]
         unique = list(dict.fromkeys(prompts))
+        device = next(self.transformer.parameters()).device
+        if self._embedding_cache is None:
+            pe, pooled = self._encode_unique(unique)
+        else:
+            missing = [p for p in unique if p not in self._embedding_cache]
+            if missing:
+                self._fill_cache(missing)
+            pe = torch.cat([self._embedding_cache[p]["prompt_embeds"] for p in unique])
+            pooled = torch.cat([self._embedding_cache[p]["pooled_prompt_embeds"] for p in unique])
+        index = torch.tensor([unique.index(p) for p in prompts], device=pe.device)
+        return {"prompt_embeds": pe.index_select(0, index).to(device), "pooled_prompt_embeds": pooled.index_select(0, index).to(device)}
+
+    def _encode_unique(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """``encode_prompt`` of distinct ``prompts`` on the text encoders' device."""
         device = next(self.text_encoder.parameters()).device
         pe, _, pooled, _ = self.pipeline().encode_prompt(
-            prompt=unique, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
+            prompt=prompts, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )
-        index = torch.tensor([unique.index(p) for p in prompts], device=device)
-        return {"prompt_embeds": pe.index_select(0, index), "pooled_prompt_embeds": pooled.index_select(0, index)}
+        return pe, pooled
+
+    def _fill_cache(self, prompts: list[str], batch_size: int = 64) -> None:
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
+            pe, pooled = self._encode_unique(chunk)
+            for j, p in enumerate(chunk):
+                self._embedding_cache[p] = {"prompt_embeds": pe[j : j + 1].cpu(), "pooled_prompt_embeds": pooled[j : j + 1].cpu()}
+
+    @torch.no_grad()
+    def cache_prompt_embeddings(self, prompts: Sequence[str], offload: bool = True, batch_size: int = 64) -> int:
+        """Encode a fixed prompt set (and the negative prompt) once, keep the embeddings in CPU memory,
+        and with ``offload`` move the text encoders off the accelerator (to the CPU): later
+        :meth:`encode` calls of these prompts never run them. Returns the cache size in bytes.
+
+        A prompt outside the set is still encoded (by the offloaded encoders, on the CPU)."""
+        if self._embedding_cache is None:
+            self._embedding_cache = {}
+        wanted = list(dict.fromkeys([self.negative_prompt, *["" if p is None else str(p) for p in prompts]]))
+        self._fill_cache([p for p in wanted if p not in self._embedding_cache], batch_size)
+        if offload:
+            for m in (self.text_encoder, self.text_encoder_2, self.text_encoder_3):
+                if m is not None:
+                    m.to("cpu")
+        return sum(v.numel() * v.element_size() for e in self._embedding_cache.values() for v in e.values())
 
     @torch.no_grad()
     def decode(self, x: Tensor, batch_size: int = 16) -> Tensor:
         """Latents ``(B, C, h, w)`` -> images ``(B, 3, H, W)`` in [0, 1], as the SD3 pipeline decodes
-        (``vae.decode(x / scaling_factor + shift_factor)``), ``batch_size`` latents at a time."""
+        (``vae.decode(x / scaling_factor + shift_factor)``), ``batch_size`` latents at a time, in
+        float32 (the VAE is kept in float32 and autocast is off here), as the references decode for
+        rewards (NVlabs/DiffusionNFT ``scripts/train_nft_sd3.py`` line 412)."""
         cfg = self.vae.config
         shift = cfg.shift_factor or 0.0
-        vae_dtype = next(self.vae.parameters()).dtype
         out = []
-        for i in range(0, x.shape[0], batch_size):
-            z = x[i : i + batch_size] / cfg.scaling_factor + shift
-            img = self.vae.decode(z.to(vae_dtype), return_dict=False)[0]
-            out.append(((img.float() + 1) / 2).clamp(0, 1))
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            for i in range(0, x.shape[0], batch_size):
+                z = x[i : i + batch_size].float() / cfg.scaling_factor + shift
+                img = self.vae.decode(z, return_dict=False)[0]
+                out.append(((img.float() + 1) / 2).clamp(0, 1))
         return torch.cat(out)
 
     def save(self, directory: str) -> None:
