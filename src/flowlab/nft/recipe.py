@@ -54,11 +54,11 @@ def _c(*values, **kw):
 class RLConfig:
     """``rl``: what both RL recipes share (base model, conditions, rollouts, rewards, LoRA, evaluation)."""
 
-    pipeline: str = field(default="flowlab", metadata=_c("flowlab", "sd3"))
-    base: Optional[str] = "runs/quickstart/pipeline"  # FlowPipeline / SD3 pipeline folder or Hub id
+    pipeline: str = field(default="flowlab", metadata=_c("flowlab", "sd3", "flux"))
+    base: Optional[str] = "runs/quickstart/pipeline"  # FlowPipeline / SD3 / FLUX pipeline folder or Hub id
     base_config: Optional[str] = "configs/quickstart.yaml"  # trains the base first if `base` is a missing folder
     class_labels: list[int] = field(default_factory=list)  # flowlab: conditions; [] = unconditional (null class)
-    prompts: list[str] = field(default_factory=list)  # sd3: prompts (or rl.prompts_file, one per line)
+    prompts: list[str] = field(default_factory=list)  # sd3/flux: prompts (or rl.prompts_file, one per line)
     prompts_file: Optional[str] = None
     group_size: int = field(default=8, metadata={"min": 2})  # G samples per condition
     rewards: list[dict] = field(default_factory=lambda: [{"name": "digits_classifier", "target": 3}])
@@ -76,7 +76,7 @@ class RLConfig:
     eval_samples: int = field(default=256, metadata={"min": 2})
     eval_solver: str = field(default="multistep", metadata=_c("euler", "midpoint", "heun", "multistep"))
     eval_steps: int = field(default=20, metadata={"min": 1})
-    # sd3 only
+    # sd3 / flux only (flux: rl.guidance_scale is FLUX.1-dev's guidance embedding, 1.0 for schnell)
     resolution: int = field(default=512, metadata={"min": 8})
     max_sequence_length: int = field(default=77, metadata={"min": 1})
 
@@ -170,9 +170,9 @@ class RLRecipe(Recipe):
         if not rl.rewards:
             raise ConfigError("rl.rewards: give at least one reward, e.g. [{name: digits_classifier, target: 3}]")
         if rl.pipeline == "flowlab" and (rl.prompts or rl.prompts_file):
-            raise ConfigError("rl.prompts: prompts need rl.pipeline=sd3; a flowlab pipeline takes rl.class_labels")
-        if rl.pipeline == "sd3" and not (rl.prompts or rl.prompts_file):
-            raise ConfigError("rl.prompts: an sd3 pipeline needs prompts (rl.prompts or rl.prompts_file)")
+            raise ConfigError("rl.prompts: prompts need rl.pipeline=sd3 or flux; a flowlab pipeline takes rl.class_labels")
+        if rl.pipeline != "flowlab" and not (rl.prompts or rl.prompts_file):
+            raise ConfigError(f"rl.prompts: an {rl.pipeline} pipeline needs prompts (rl.prompts or rl.prompts_file)")
         if rl.base is None:
             raise ConfigError("rl.base: the pipeline to fine-tune (a folder or a Hub id)")
 
@@ -198,7 +198,7 @@ class RLRecipe(Recipe):
 
     def build_dataset(self):
         rl = self.rl
-        if rl.pipeline == "sd3":
+        if rl.pipeline != "flowlab":
             prompts = list(rl.prompts)
             if rl.prompts_file:
                 try:
@@ -228,6 +228,15 @@ class RLRecipe(Recipe):
             self.policy = SD3Policy.from_pretrained(
                 rl.base, lora=self._lora(SD3Policy.default_lora_targets), reference=self.needs_reference,
                 resolution=rl.resolution, max_sequence_length=rl.max_sequence_length,
+            )
+            return self.policy
+        if rl.pipeline == "flux":
+            from ..families.flux import FluxAdapter
+            from .family_policy import FluxPolicy
+
+            self.policy = FluxPolicy.from_pretrained(
+                rl.base, lora=self._lora(FluxAdapter.default_lora_targets), reference=self.needs_reference,
+                resolution=rl.resolution, max_sequence_length=rl.max_sequence_length, guidance_scale=rl.guidance_scale,
             )
             return self.policy
         from ..pipelines import FlowPipeline
@@ -390,20 +399,24 @@ class RLRecipe(Recipe):
             data = flow_pipeline_card_data(repo_id, class_labels=f"[{rl.class_labels[0]}] * 16" if rl.class_labels else None)
         else:
             base = rl.base if looks_like_repo_id(rl.base) else "<base model repo id>"
+            pipe_cls, net_cls, family_tag = {
+                "sd3": ("StableDiffusion3Pipeline", "SD3Transformer2DModel", "stable-diffusion-3"),
+                "flux": ("FluxPipeline", "FluxTransformer2DModel", "flux"),
+            }[rl.pipeline]
             if rl.lora_rank > 0:
                 usage = (
-                    f'from diffusers import StableDiffusion3Pipeline\npipe = StableDiffusion3Pipeline.from_pretrained("{base}")\n'
+                    f'from diffusers import {pipe_cls}\npipe = {pipe_cls}.from_pretrained("{base}")\n'
                     f'pipe.load_lora_weights("{repo_id}")'
                 )
             else:
                 usage = (
-                    "from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline\n"
-                    f'transformer = SD3Transformer2DModel.from_pretrained("{repo_id}", subfolder="transformer")\n'
-                    f'pipe = StableDiffusion3Pipeline.from_pretrained("{base}", transformer=transformer)'
+                    f"from diffusers import {net_cls}, {pipe_cls}\n"
+                    f'transformer = {net_cls}.from_pretrained("{repo_id}", subfolder="transformer")\n'
+                    f'pipe = {pipe_cls}.from_pretrained("{base}", transformer=transformer)'
                 )
             data = {
                 "usage": usage,
-                "tags": ["text-to-image", "stable-diffusion-3"] + (["lora"] if rl.lora_rank > 0 else []),
+                "tags": ["text-to-image", family_tag] + (["lora"] if rl.lora_rank > 0 else []),
                 "pipeline_tag": "text-to-image",
             }
         data["tags"] = [*data["tags"], "reinforcement-learning", method.lower()]
