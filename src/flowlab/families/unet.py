@@ -51,6 +51,8 @@ class UNetAdapter(FamilyAdapter):
         guidance_scale: the CFG scale used when none is given (the pipelines' 7.5 / SDXL's 5.0).
         negative_prompt: the unconditional prompt of CFG.
         prediction_type: override the scheduler's (``epsilon``, ``v_prediction``, ``sample``).
+        force_zeros_for_empty_prompt: SDXL only, as its pipeline config: an empty negative prompt is
+            all-zero embeddings (not the encoding of ``""``).
         dtype: dtype of the frozen text encoders and VAE.
     """
 
@@ -71,6 +73,7 @@ class UNetAdapter(FamilyAdapter):
         guidance_scale: float = 7.5,
         negative_prompt: str = "",
         prediction_type: str | None = None,
+        force_zeros_for_empty_prompt: bool = True,
         dtype: torch.dtype = torch.float32,
     ):
         super().__init__(negative_prompt=negative_prompt)
@@ -90,6 +93,7 @@ class UNetAdapter(FamilyAdapter):
         for m in self.frozen_modules().values():
             cast_module(m, dtype).requires_grad_(False).eval()
         self.unet = unet
+        self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt) and self.is_sdxl
         self._path = DiscreteSchedulePath.from_scheduler(scheduler)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.guidance_scale = float(guidance_scale)
@@ -119,6 +123,8 @@ class UNetAdapter(FamilyAdapter):
         cls_ = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
         extra = {} if sdxl else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
         pipe = load_family_pipeline(cls_, base, dtype, key=key, **extra)
+        if sdxl:
+            kwargs.setdefault("force_zeros_for_empty_prompt", bool(pipe.config.get("force_zeros_for_empty_prompt", True)))
         return cls(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, scheduler=pipe.scheduler,
                    text_encoder_2=getattr(pipe, "text_encoder_2", None), tokenizer_2=getattr(pipe, "tokenizer_2", None),
                    dtype=dtype, **kwargs)
@@ -159,6 +165,14 @@ class UNetAdapter(FamilyAdapter):
         proj = int(self.text_encoder_2.config.projection_dim)
         time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=pe.dtype, text_encoder_projection_dim=proj)
         return {"prompt_embeds": pe, "text_embeds": pooled, "time_ids": time_ids.to(pe.device).expand(len(prompts), -1)}
+
+    def negative_embeddings(self) -> Conditioning:
+        """The negative prompt's conditioning (batch 1); SDXL with ``force_zeros_for_empty_prompt`` and an
+        empty negative prompt: zero text embeddings (the micro-conditioning ``time_ids`` unchanged), as its pipeline."""
+        neg = super().negative_embeddings()
+        if self.force_zeros_for_empty_prompt and not self.negative_prompt:
+            neg = {k: (v if k == "time_ids" else torch.zeros_like(v)) for k, v in neg.items()}
+        return neg
 
     # ----------------------------------------------------------------- the field
     def _unet(self, network: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
