@@ -259,19 +259,34 @@ def test_nft_flux_pickscore_config_validates():
     assert rl.shift == pytest.approx(flux_time_shift((rl.resolution // 16) ** 2), abs=1e-3)
 
 
-def test_train_py_nft_two_steps_on_tiny_flux_and_lora_loads(tiny, tmp_path):
-    from safetensors.torch import load_file
-
-    out = tmp_path / "nft"
-    log = run_checked([
-        sys.executable, "train.py", "recipe=nft", f"output_dir={out}", "seed=0", "rl.pipeline=flux", f"rl.base={tiny}",
+def _train_args(tiny, out, recipe, *extra):
+    return [
+        sys.executable, "train.py", f"recipe={recipe}", f"output_dir={out}", "seed=0", "rl.pipeline=flux", f"rl.base={tiny}",
         f"rl.resolution={RES}", f"rl.max_sequence_length={T5_LENGTH}", f"rl.prompts=[{', '.join(PROMPTS)}]",
         "rl.guidance_scale=3.5", "rl.shift=1.2", "rl.rewards=[{name: jpeg_compressibility}]", "rl.lora_rank=4",
         "rl.group_size=2", "rl.num_inference_steps=2", "rl.eval_steps=2", "rl.eval_samples=2", "train.batch_size=2",
         "train.max_steps=2", "train.lr=1e-2", "train.lr_scheduler=constant", "train.warmup_steps=0", "train.ema_decay=0",
-        "train.report_to=none", "train.checkpoint_every=0", "train.log_every=1", "sample.every=0", "sample.num_images=2",
-        "nft.kl_coef=1e-4",
-    ])
+        "train.report_to=none", "train.checkpoint_every=0", "train.log_every=1", "sample.every=0", "sample.num_images=2", *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    """NFT and FlowGRPO on tiny FLUX-dev, run concurrently (the runs mostly wait on imports and I/O)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path_factory.mktemp("runs")
+    runs = {"nft": _train_args(tiny, root / "nft", "nft", "nft.kl_coef=1e-4"),
+            "flowgrpo": _train_args(tiny, root / "flowgrpo", "flowgrpo", "grpo.kl_coef=0.01")}
+    with ThreadPoolExecutor(2) as pool:
+        logs = dict(zip(runs, pool.map(run_checked, runs.values())))
+    return {k: (root / k, logs[k]) for k in runs}
+
+
+def test_train_py_nft_two_steps_on_tiny_flux_and_lora_loads(tiny, trained):
+    from safetensors.torch import load_file
+
+    out, log = trained["nft"]
     assert "saved" in log and (out / "pipeline" / "pytorch_lora_weights.safetensors").is_file()
     policy = FluxPolicy.from_pretrained(tiny, lora=LoraSpec(4, 8, TARGETS), reference=True, resolution=RES,
                                         max_sequence_length=T5_LENGTH, guidance_scale=3.5)
@@ -286,3 +301,13 @@ def test_train_py_nft_two_steps_on_tiny_flux_and_lora_loads(tiny, tmp_path):
     tuned = _raw(pipe, x, 1.0 - t, cond, 3.5)
     assert (tuned - base).abs().max() > 1e-4  # training moved the adapter
     torch.testing.assert_close(-tuned, trained_u, rtol=1e-4, atol=1e-5)
+
+
+def test_flowgrpo_on_flux_recomputes_the_rollouts_step_likelihoods(trained):
+    """At the first step the trained policy is the rollout policy: the step likelihoods recomputed with the
+    guidance embedding (rl.guidance_scale 3.5) must match the rollouts' (ratio 1, nothing clipped at 1e-4)."""
+    import json
+
+    out, log = trained["flowgrpo"]
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert "saved" in log and first["step"] == 1 and first["clip_fraction"] == 0.0

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import ROOT  # noqa: E402
+from conftest import ROOT, run_checked  # noqa: E402
 from helpers_sd_unet import write_tiny_sd, write_tiny_sdxl  # noqa: E402
 
 from flowlab.families import UNetAdapter  # noqa: E402
@@ -149,6 +149,34 @@ def test_lora_round_trip_through_load_lora_weights(tiny, tiny_xl, tmp_path, xl):
                         getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None))
     with torch.no_grad():
         torch.testing.assert_close(tuned.velocity(x, t, cond, 1.0), cur, rtol=1e-4, atol=1e-5)
+
+
+def test_train_py_nft_two_steps_on_a_tiny_sd_unet_and_lora_loads(tiny, tmp_path):
+    """RL on the same adapter (``rl.pipeline: sd_unet``): 2 NFT steps; the saved LoRA, loaded by
+    ``StableDiffusionPipeline.load_lora_weights``, reproduces the trained policy's velocity."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "nft"
+    log = run_checked([
+        sys.executable, "train.py", "recipe=nft", f"output_dir={out}", "seed=0", "rl.pipeline=sd_unet", f"rl.base={tiny}",
+        "rl.resolution=8", f"rl.prompts=[{', '.join(PROMPTS)}]", "rl.rewards=[{name: jpeg_compressibility}]", "rl.lora_rank=4",
+        "rl.group_size=2", "rl.num_inference_steps=3", "rl.eval_steps=2", "rl.eval_samples=2", "train.batch_size=2",
+        "train.max_steps=2", "train.lr=1e-2", "train.lr_scheduler=constant", "train.warmup_steps=0", "train.ema_decay=0",
+        "train.report_to=none", "train.checkpoint_every=0", "train.log_every=1", "sample.every=0", "sample.num_images=2",
+    ])
+    assert "FamilyPolicy" in log and (out / "pipeline" / "pytorch_lora_weights.safetensors").is_file()
+    policy = FamilyPolicy(UNetAdapter.from_pretrained(tiny), lora=LoraSpec(4, 8, UNetAdapter.default_lora_targets))
+    policy.load_state_dict(load_file(str(out / "checkpoints" / "checkpoint-2" / "model.safetensors")))
+    cond = policy.encode(PROMPTS)
+    x, t = _inputs(policy.sample_shape, seed=3)
+    pipe = _pipe(tiny)
+    timestep = (1 - t) * 1000 - 1
+    base = _raw(pipe.unet, x, timestep, cond["prompt_embeds"])
+    pipe.load_lora_weights(str(out / "pipeline"))
+    tuned = _raw(pipe.unet, x, timestep, cond["prompt_embeds"])
+    assert (tuned - base).abs().max() > 1e-5  # training moved the adapter
+    with torch.no_grad():
+        torch.testing.assert_close(policy.adapter.predict(x, t, cond, 1.0, network=policy.network), tuned, rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- WGF

@@ -54,11 +54,11 @@ def _c(*values, **kw):
 class RLConfig:
     """``rl``: what both RL recipes share (base model, conditions, rollouts, rewards, LoRA, evaluation)."""
 
-    pipeline: str = field(default="flowlab", metadata=_c("flowlab", "sd3", "flux"))
-    base: Optional[str] = "runs/quickstart/pipeline"  # FlowPipeline / SD3 / FLUX pipeline folder or Hub id
+    pipeline: str = field(default="flowlab", metadata=_c("flowlab", "sd3", "flux", "sd_unet"))
+    base: Optional[str] = "runs/quickstart/pipeline"  # FlowPipeline / SD3 / FLUX / SD(XL) pipeline folder or Hub id
     base_config: Optional[str] = "configs/quickstart.yaml"  # trains the base first if `base` is a missing folder
     class_labels: list[int] = field(default_factory=list)  # flowlab: conditions; [] = unconditional (null class)
-    prompts: list[str] = field(default_factory=list)  # sd3/flux: prompts (or rl.prompts_file, one per line)
+    prompts: list[str] = field(default_factory=list)  # sd3/flux/sd_unet: prompts (or rl.prompts_file, one per line)
     prompts_file: Optional[str] = None
     group_size: int = field(default=8, metadata={"min": 2})  # G samples per condition
     rewards: list[dict] = field(default_factory=lambda: [{"name": "digits_classifier", "target": 3}])
@@ -76,7 +76,7 @@ class RLConfig:
     eval_samples: int = field(default=256, metadata={"min": 2})
     eval_solver: str = field(default="multistep", metadata=_c("euler", "midpoint", "heun", "multistep"))
     eval_steps: int = field(default=20, metadata={"min": 1})
-    # sd3 / flux only (flux: rl.guidance_scale is FLUX.1-dev's guidance embedding, 1.0 for schnell)
+    # text-to-image only (flux: rl.guidance_scale is FLUX.1-dev's guidance embedding, 1.0 for schnell)
     resolution: int = field(default=512, metadata={"min": 8})
     max_sequence_length: int = field(default=77, metadata={"min": 1})
 
@@ -170,7 +170,7 @@ class RLRecipe(Recipe):
         if not rl.rewards:
             raise ConfigError("rl.rewards: give at least one reward, e.g. [{name: digits_classifier, target: 3}]")
         if rl.pipeline == "flowlab" and (rl.prompts or rl.prompts_file):
-            raise ConfigError("rl.prompts: prompts need rl.pipeline=sd3 or flux; a flowlab pipeline takes rl.class_labels")
+            raise ConfigError("rl.prompts: prompts need a text-to-image rl.pipeline (sd3, flux, sd_unet); a flowlab pipeline takes rl.class_labels")
         if rl.pipeline != "flowlab" and not (rl.prompts or rl.prompts_file):
             raise ConfigError(f"rl.prompts: an {rl.pipeline} pipeline needs prompts (rl.prompts or rl.prompts_file)")
         if rl.base is None:
@@ -238,6 +238,13 @@ class RLRecipe(Recipe):
                 rl.base, lora=self._lora(FluxAdapter.default_lora_targets), reference=self.needs_reference,
                 resolution=rl.resolution, max_sequence_length=rl.max_sequence_length, guidance_scale=rl.guidance_scale,
             )
+            return self.policy
+        if rl.pipeline == "sd_unet":
+            from ..families.unet import UNetAdapter
+            from .family_policy import FamilyPolicy
+
+            adapter = UNetAdapter.from_pretrained(rl.base, key="rl.base", resolution=rl.resolution, guidance_scale=rl.guidance_scale)
+            self.policy = FamilyPolicy(adapter, lora=self._lora(UNetAdapter.default_lora_targets), reference=self.needs_reference)
             return self.policy
         from ..pipelines import FlowPipeline
 
@@ -399,9 +406,10 @@ class RLRecipe(Recipe):
             data = flow_pipeline_card_data(repo_id, class_labels=f"[{rl.class_labels[0]}] * 16" if rl.class_labels else None)
         else:
             base = rl.base if looks_like_repo_id(rl.base) else "<base model repo id>"
-            pipe_cls, net_cls, family_tag = {
-                "sd3": ("StableDiffusion3Pipeline", "SD3Transformer2DModel", "stable-diffusion-3"),
-                "flux": ("FluxPipeline", "FluxTransformer2DModel", "flux"),
+            pipe_cls, net_cls, net_name, family_tag = {
+                "sd3": ("StableDiffusion3Pipeline", "SD3Transformer2DModel", "transformer", "stable-diffusion-3"),
+                "flux": ("FluxPipeline", "FluxTransformer2DModel", "transformer", "flux"),
+                "sd_unet": ("DiffusionPipeline", "UNet2DConditionModel", "unet", "stable-diffusion"),
             }[rl.pipeline]
             if rl.lora_rank > 0:
                 usage = (
@@ -411,8 +419,8 @@ class RLRecipe(Recipe):
             else:
                 usage = (
                     f"from diffusers import {net_cls}, {pipe_cls}\n"
-                    f'transformer = {net_cls}.from_pretrained("{repo_id}", subfolder="transformer")\n'
-                    f'pipe = {pipe_cls}.from_pretrained("{base}", transformer=transformer)'
+                    f'{net_name} = {net_cls}.from_pretrained("{repo_id}", subfolder="{net_name}")\n'
+                    f'pipe = {pipe_cls}.from_pretrained("{base}", {net_name}={net_name})'
                 )
             data = {
                 "usage": usage,
