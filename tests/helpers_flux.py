@@ -13,6 +13,7 @@ import string
 
 import torch
 from helpers_clip import write_clip_tokenizer_files  # tests/ is on sys.path (pytest's rootdir import)
+from helpers_tiny import tiny_clip_text_config, tiny_clip_tokenizer, tiny_vae
 
 __all__ = ["build_tiny_flux", "write_tiny_flux", "tiny_t5_tokenizer"]
 
@@ -34,14 +35,10 @@ def tiny_t5_tokenizer():
 
 def build_tiny_flux(tokenizer_dir: str, seed: int = 0, guidance_embeds: bool = True):
     """A tiny ``FluxPipeline`` (float32, CPU) whose CLIP tokenizer reads ``tokenizer_dir``."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
-    if len(tokenizer) <= 2:  # transformers 5 can hand back an empty tokenizer instead of failing
-        raise RuntimeError(f"the tiny CLIP tokenizer in {tokenizer_dir} came back empty (vocabulary {len(tokenizer)})")
-    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    bos = tokenizer.convert_tokens_to_ids("<|startoftext|>")
+    tokenizer = tiny_clip_tokenizer(tokenizer_dir)
     tokenizer_2 = tiny_t5_tokenizer()
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
@@ -50,22 +47,14 @@ def build_tiny_flux(tokenizer_dir: str, seed: int = 0, guidance_embeds: bool = T
         axes_dims_rope=(4, 4, 8),
     )
     torch.manual_seed(seed + 1)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, hidden_size=32, intermediate_size=37,
-        layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer),
-        hidden_act="gelu", projection_dim=32, max_position_embeddings=77,
-    ))
+    text_encoder = CLIPTextModel(tiny_clip_text_config(tokenizer))
     torch.manual_seed(seed + 2)
     text_encoder_2 = T5EncoderModel(T5Config(
         vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
         pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     ))
     torch.manual_seed(seed + 3)
-    vae = AutoencoderKL(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=0.0609, scaling_factor=1.5035,
-    )
+    vae = tiny_vae(scaling_factor=1.5035, shift_factor=0.0609)
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096,
                                                   base_shift=0.5, max_shift=1.15, shift=3.0),

@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import torch
 from helpers_clip import write_clip_tokenizer_files  # tests/ is on sys.path (pytest's rootdir import)
+from helpers_tiny import tiny_clip_text_config, tiny_clip_tokenizer, tiny_vae
 
 __all__ = ["build_tiny_sd", "write_tiny_sd", "build_tiny_sdxl", "write_tiny_sdxl"]
 
 
 def build_tiny_sd(tokenizer_dir: str, seed: int = 0, prediction_type: str = "epsilon"):
     """A tiny ``StableDiffusionPipeline`` (float32, CPU) whose CLIP tokenizer reads ``tokenizer_dir``."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
-    if len(tokenizer) <= 2:  # transformers 5 can hand back an empty tokenizer instead of failing
-        raise RuntimeError(f"the tiny CLIP tokenizer in {tokenizer_dir} came back empty (vocabulary {len(tokenizer)})")
-    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    bos = tokenizer.convert_tokens_to_ids("<|startoftext|>")
+    tokenizer = tiny_clip_tokenizer(tokenizer_dir)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
@@ -31,16 +28,9 @@ def build_tiny_sd(tokenizer_dir: str, seed: int = 0, prediction_type: str = "eps
         cross_attention_dim=32, attention_head_dim=4, norm_num_groups=4,
     )
     torch.manual_seed(seed + 1)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, hidden_size=32, intermediate_size=37,
-        layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer),
-        hidden_act="gelu", projection_dim=32, max_position_embeddings=77,
-    ))
+    text_encoder = CLIPTextModel(tiny_clip_text_config(tokenizer))
     torch.manual_seed(seed + 2)
-    vae = AutoencoderKL(
-        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-        latent_channels=4, norm_num_groups=1, scaling_factor=0.18215,
-    )
+    vae = tiny_vae(scaling_factor=0.18215)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
@@ -57,19 +47,11 @@ def write_tiny_sd(directory: str, seed: int = 0, prediction_type: str = "epsilon
 
 def build_tiny_sdxl(tokenizer_dir: str, seed: int = 0):
     """A tiny ``StableDiffusionXLPipeline`` (float32, CPU): a ``text_time`` UNet, CLIP + CLIP-with-projection."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
-    if len(tokenizer) <= 2:
-        raise RuntimeError(f"the tiny CLIP tokenizer in {tokenizer_dir} came back empty (vocabulary {len(tokenizer)})")
-    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    bos = tokenizer.convert_tokens_to_ids("<|startoftext|>")
-    text_config = CLIPTextConfig(
-        bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, hidden_size=32, intermediate_size=37,
-        layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer),
-        hidden_act="gelu", projection_dim=32, max_position_embeddings=77,
-    )
+    tokenizer = tiny_clip_tokenizer(tokenizer_dir)
+    text_config = tiny_clip_text_config(tokenizer)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
@@ -82,11 +64,10 @@ def build_tiny_sdxl(tokenizer_dir: str, seed: int = 0):
     torch.manual_seed(seed + 2)
     text_encoder_2 = CLIPTextModelWithProjection(text_config)
     torch.manual_seed(seed + 3)
-    vae = AutoencoderKL(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=1, scaling_factor=0.13025)
+    vae = tiny_vae(scaling_factor=0.13025)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
     return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-                                     tokenizer_2=CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77),
+                                     tokenizer_2=tiny_clip_tokenizer(tokenizer_dir),
                                      unet=unet, scheduler=scheduler)
 
 

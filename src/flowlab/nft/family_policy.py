@@ -19,7 +19,6 @@ are the base pipeline's and are restored from it.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 from typing import Any, Sequence
@@ -64,13 +63,7 @@ class FamilyPolicy(Policy):
 
     def __deepcopy__(self, memo: dict) -> "FamilyPolicy":
         """Copies (e.g. the trainer's EMA copy) share the frozen text encoders and VAE: they never change."""
-        for m in self.adapter.frozen_modules().values():
-            memo[id(m)] = m
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        for key, value in self.__dict__.items():
-            new.__dict__[key] = copy.deepcopy(value, memo)
-        return new
+        return self._deepcopy_sharing(memo, list(self.adapter.frozen_modules().values()))
 
     # ----------------------------------------------------------------- policy contract
     @property
