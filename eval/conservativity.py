@@ -7,9 +7,9 @@ Works on a flowlab ``FlowPipeline`` folder, on diffusers ``DDPMPipeline``/``DDIM
 families (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``FluxPipeline``; a folder or a
 Hub id) with ``--prompt`` (repeatable) and ``--guidance-scale`` (CFG, or FLUX's guidance embedding),
 through :mod:`flowlab.families`; ``--config`` reads the options from a YAML file (keys are the
-option names with ``_``, e.g. ``configs/wgf_sd15.yaml``), command-line options override it:
+option names with ``_``, e.g. ``configs/wgf/sd15.yaml``), command-line options override it:
 
-    python eval/conservativity.py --config configs/wgf_sd15.yaml --json runs/wgf_sd15/report.json
+    python eval/conservativity.py --config configs/wgf/sd15.yaml --json runs/wgf_sd15/report.json
  The points are the
 model's own samples noised along its path to each time (``--data`` uses a built-in dataset
 instead). The field analysed is the implied score (``--field``; velocity and epsilon differ

@@ -207,11 +207,11 @@ def test_wgf_sampling_likelihood_and_conservativity_on_a_text_conditioned_unet(t
         assert 0 <= row["loop"]["mean"] <= 1 and 0 <= row["path"]["mean"] <= 1
 
 
-def test_conservativity_cli_with_the_wgf_sd15_config(tiny, tmp_path, capsys):
+def test_conservativity_cli_with_the_wgf_sd15_config_file(tiny, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("conservativity", os.path.join(ROOT, "eval", "conservativity.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    config = os.path.join(ROOT, "configs", "wgf_sd15.yaml")
+    config = os.path.join(ROOT, "configs", "wgf", "sd15.yaml")
     res = mod.main(["--config", config, "--pipeline", tiny, "--resolution", "8", "--num-bins", "1", "--num-points", "2",
                     "--num-samples", "2", "--sample-steps", "2", "--num-probes", "1", "--no-plots",
                     "--json", str(tmp_path / "r.json")])
