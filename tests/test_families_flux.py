@@ -142,6 +142,28 @@ def test_prompt_cache_encodes_each_prompt_once_and_broadcasts(tiny, monkeypatch)
         adapter.velocity(x[:3], t[:3], two)
     with pytest.raises(TypeError, match="list of strings"):
         adapter.encode("a photo of the cat")
+    # a bounded cache: the least recently used prompt is dropped and encoded again when asked for
+    adapter.cache_size = 2
+    calls.clear()
+    adapter.encode(["zebra"])  # last used: "", PROMPTS[0], PROMPTS[1] (encode(PROMPTS) above), "zebra"
+    adapter.encode([PROMPTS[1], "zebra"])  # the two kept
+    assert calls == [["zebra"]] and len(adapter._cache) == 2
+    adapter.encode([PROMPTS[0]])
+    assert calls == [["zebra"], [PROMPTS[0]]]
+
+
+def test_bf16_frozen_weights_float32_adapters(tiny):
+    policy = FluxPolicy.from_pretrained(tiny, lora=LoraSpec(4, 8, TARGETS), resolution=RES, max_sequence_length=T5_LENGTH,
+                                        dtype=torch.bfloat16)
+    assert next(policy.adapter.text_encoder_2.parameters()).dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in policy.trainable_parameters())
+    cond = policy.encode(PROMPTS[:1])
+    x, t = _inputs(policy.sample_shape, n=1)
+    u = policy(x, t, cond)  # outside autocast: inputs follow the network's dtype, the output x's
+    assert u.dtype == torch.float32 and torch.isfinite(u).all()
+    u.sum().backward()
+    assert all(p.grad is not None for p in policy.trainable_parameters())
+    assert policy.decode(x).dtype == torch.float32
 
 
 def test_decode_as_flux_pipeline(tiny):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import warnings
 from abc import abstractmethod
+from collections import OrderedDict
 from typing import Any, Sequence
 
 import torch
@@ -50,6 +51,8 @@ class FamilyAdapter(nn.Module):
 
     Args:
         negative_prompt: the unconditional prompt of classifier-free guidance.
+        cache_size: prompt embeddings kept (least recently used dropped first); FLUX's T5 embeddings
+            are ``512 x 4096`` values per prompt, so a prompt list of thousands is not kept whole.
     """
 
     pipeline_class: type
@@ -58,10 +61,13 @@ class FamilyAdapter(nn.Module):
     prediction_type: str = "velocity"
     frozen_names: tuple[str, ...] = ()
 
-    def __init__(self, negative_prompt: str = ""):
+    def __init__(self, negative_prompt: str = "", cache_size: int = 256):
         super().__init__()
+        if cache_size < 1:
+            raise ValueError(f"cache_size must be >= 1, got {cache_size}")
         self.negative_prompt = negative_prompt
-        self._cache: dict[tuple[str, str], Conditioning] = {}  # (device, prompt) -> batch-1 conditioning
+        self.cache_size = int(cache_size)
+        self._cache: OrderedDict[tuple[str, str], Conditioning] = OrderedDict()  # (device, prompt) -> batch-1 conditioning
 
     # ----------------------------------------------------------------- components
     @property
@@ -95,7 +101,8 @@ class FamilyAdapter(nn.Module):
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str | None]) -> Conditioning:
-        """Prompts (``None`` = the empty prompt) -> conditioning dict, each prompt encoded once ever.
+        """Prompts (``None`` = the empty prompt) -> conditioning dict; a prompt in the cache (the last
+        ``cache_size`` used) is not encoded again.
 
         The cache keeps embeddings on the device they were computed on; a model moved to another
         device re-encodes (the key includes the device).
@@ -106,12 +113,18 @@ class FamilyAdapter(nn.Module):
         if not texts:
             raise ValueError("prompts: give at least one prompt")
         device = str(self.device)
-        missing = list(dict.fromkeys(p for p in texts if (device, p) not in self._cache))
+        unique = list(dict.fromkeys(texts))
+        missing = [p for p in unique if (device, p) not in self._cache]
+        found = {p: self._cache[(device, p)] for p in unique if (device, p) in self._cache}
         if missing:
             enc = self._encode_unique(missing)
-            for i, p in enumerate(missing):
-                self._cache[(device, p)] = {k: v[i : i + 1] for k, v in enc.items()}
-        rows = [self._cache[(device, p)] for p in texts]
+            found.update({p: {k: v[i : i + 1] for k, v in enc.items()} for i, p in enumerate(missing)})
+        for p in unique:  # most recently used last; the oldest beyond cache_size are dropped
+            self._cache[(device, p)] = found[p]
+            self._cache.move_to_end((device, p))
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        rows = [found[p] for p in texts]
         return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
 
     def negative_embeddings(self) -> Conditioning:

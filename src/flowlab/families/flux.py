@@ -66,6 +66,7 @@ class FluxAdapter(FamilyAdapter):
         max_sequence_length: T5 tokens (FLUX.1-dev: up to 512, schnell: up to 256).
         guidance_scale: the guidance embedding used when none is given (FLUX.1-dev's 3.5; ignored by
             schnell, which has no guidance embedding).
+        cache_size: prompt embeddings kept (least recently used dropped first).
         dtype: dtype of the frozen text encoders and VAE (the transformer keeps the dtype it was given).
     """
 
@@ -87,8 +88,9 @@ class FluxAdapter(FamilyAdapter):
         max_sequence_length: int = 512,
         guidance_scale: float = 3.5,
         dtype: torch.dtype = torch.float32,
+        cache_size: int = 256,
     ):
-        super().__init__(negative_prompt="")
+        super().__init__(negative_prompt="", cache_size=cache_size)
         from diffusers import FluxPipeline
 
         self.pipeline_class = FluxPipeline

@@ -53,6 +53,7 @@ class UNetAdapter(FamilyAdapter):
         prediction_type: override the scheduler's (``epsilon``, ``v_prediction``, ``sample``).
         force_zeros_for_empty_prompt: SDXL only, as its pipeline config: an empty negative prompt is
             all-zero embeddings (not the encoding of ``""``).
+        cache_size: prompt embeddings kept (least recently used dropped first).
         dtype: dtype of the frozen text encoders and VAE.
     """
 
@@ -75,8 +76,9 @@ class UNetAdapter(FamilyAdapter):
         prediction_type: str | None = None,
         force_zeros_for_empty_prompt: bool = True,
         dtype: torch.dtype = torch.float32,
+        cache_size: int = 256,
     ):
-        super().__init__(negative_prompt=negative_prompt)
+        super().__init__(negative_prompt=negative_prompt, cache_size=cache_size)
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         self.is_sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
