@@ -333,3 +333,20 @@ def test_flowgrpo_on_flux_recomputes_the_rollouts_step_likelihoods(trained):
     out, log = trained["flowgrpo"]
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert "saved" in log and first["step"] == 1 and first["clip_fraction"] == 0.0
+
+
+@pytest.mark.parametrize("overrides, snippet", [
+    ([], 'FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev")\npipe.load_lora_weights("{repo}")'),
+    (["rl.lora_rank=0"], 'transformer = FluxTransformer2DModel.from_pretrained("{repo}", subfolder="transformer")'),
+    (["rl.pipeline=sd_unet", "rl.base=stable-diffusion-v1-5/stable-diffusion-v1-5", "rl.lora_rank=0"],
+     'unet = UNet2DConditionModel.from_pretrained("{repo}", subfolder="unet")\n'
+     'pipe = DiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", unet=unet)'),
+])
+def test_hub_card_usage_names_the_family_pipeline(overrides, snippet):
+    from flowlab.hub import REPO_ID
+    from flowlab.train.recipe import get_recipe
+
+    data = get_recipe(load_config(os.path.join(ROOT, "configs", "nft_flux_pickscore.yaml"), overrides)).card_data(REPO_ID)
+    assert snippet.format(repo=REPO_ID) in data["usage"]
+    compile(data["usage"], "<usage>", "exec")
+    assert "diffusionnft" in data["tags"] and ("lora" in data["tags"]) == (not overrides)
