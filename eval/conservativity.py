@@ -46,7 +46,7 @@ def _pool(flow, shape, args) -> torch.Tensor:
 
         return sample_toy2d(args.data, args.num_samples, seed=args.seed).float()
     noise = torch.randn(args.num_samples, *shape, generator=torch.Generator().manual_seed(args.seed))
-    return flow.sample(noise, args.sample_steps, args.solver).x.float()
+    return flow.sample(noise, args.sample_steps, args.solver, shift=args.shift).x.float()
 
 
 def _apply_config(p: argparse.ArgumentParser, argv) -> None:
@@ -77,6 +77,8 @@ def main(argv=None) -> dict:
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="text-to-image pipelines: CFG scale, or FLUX.1-dev's guidance embedding (default: the family's)")
     p.add_argument("--resolution", type=int, default=None, help="text-to-image pipelines: image side in pixels")
+    p.add_argument("--shift", type=float, default=None,
+                   help="time shift of the sampling grid (default: FLUX's dynamic shift for FLUX pipelines, else 1)")
     p.add_argument("--out", default=None, help="folder for the PNGs (default: <pipeline>/../conservativity)")
     p.add_argument("--json", default=None, help="write the report as JSON here")
     p.add_argument("--field", default="score", choices=["score", "velocity", "epsilon", "x1"])
@@ -101,7 +103,9 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    flow, shape, _ = load_probability_flow(args.pipeline, args.prediction_type, args.prompts, args.guidance_scale, args.resolution)
+    flow, shape, loaded = load_probability_flow(args.pipeline, args.prediction_type, args.prompts, args.guidance_scale, args.resolution)
+    if args.shift is None:
+        args.shift = float(getattr(loaded, "time_shift", 1.0))
     pool = _pool(flow, shape, args)
     field = lambda x, t: flow.predict(x, t, args.field)  # noqa: E731
     rep = conservativity_report(

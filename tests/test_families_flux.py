@@ -267,6 +267,18 @@ def test_probability_flow_from_family_on_flux(tiny):
     assert out.x.shape == x.shape and torch.isfinite(out.x).all() and out.nfe == 3
 
 
+def test_load_probability_flow_opens_a_flux_folder_with_prompts(tiny):
+    from flowlab.wgf import load_probability_flow
+
+    flow, shape, adapter = load_probability_flow(tiny, prompts=PROMPTS, guidance_scale=2.0, resolution=RES)
+    assert shape == (4, RES, RES) and isinstance(adapter, FluxAdapter) and adapter.max_sequence_length == 512
+    x, t = _inputs(shape)
+    with torch.no_grad():
+        torch.testing.assert_close(flow.velocity(x, t), adapter.velocity(x, t, adapter.encode(PROMPTS), 2.0))
+    with pytest.raises(ValueError, match="prompts: the FluxPipeline .* give at least one prompt"):
+        load_probability_flow(tiny)
+
+
 # --------------------------------------------------------------------------- configs and end to end
 
 
