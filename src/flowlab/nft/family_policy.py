@@ -12,7 +12,8 @@ velocity in flowlab time, guidance, decoding, LoRA layout). The roles follow :cl
 Guidance. A guidance-distilled family (FLUX.1-dev) evaluates *every* velocity with its guidance
 embedding (the adapter's ``guidance_scale``, which the recipe sets to ``rl.guidance_scale``), so the
 trained field is the field the rollouts sample; a family with classifier-free guidance (SD UNets)
-trains the conditional velocity and guides only in :meth:`FamilyPolicy.field`.
+trains the conditional velocity and guides only in :meth:`FamilyPolicy.field`. So ``policy(x, t, cond)``
+(``guidance_scale`` left at 1) is always the *trained* field: FLUX.1-dev's at its embedding, not at 1.
 
 Checkpoints hold the network (and its ``old`` / ``ref`` copies) only: the frozen encoders and VAE
 are the base pipeline's and are restored from it.
