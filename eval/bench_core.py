@@ -10,7 +10,7 @@ optimiser: class-conditional ``MLPVelocity``, AdamW, EMA, clipping at 1.0, ``rep
 no sampling / evaluation / checkpoints while timing) against a bare PyTorch loop doing the same
 per-step work on the same model, batch and in-memory digits tensor: random batch by index,
 noise, logit-normal ``t``, label dropout, linear path, velocity MSE, backward,
-``clip_grad_norm_``, ``AdamW.step``, an EMA update (diffusers ``EMAModel(foreach=True)``, as the
+``clip_grad_norm_``, ``AdamW.step``, an EMA update (``flowlab.train.ema.InPlaceEMA``, as the
 trainer uses) and ``zero_grad``. The trainer is timed by its own per-window ``steps_per_sec``
 in ``metrics.jsonl`` (window = ``train.log_every``; the first window(s) are warm-up and are
 dropped; logging, start-up and the final sample/checkpoint are outside the windows); the bare
@@ -48,15 +48,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-try:
-    import flowlab  # noqa: F401
-except ImportError:  # not installed: use the repository's src/
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    for _name in [m for m in sys.modules if m == "flowlab" or m.startswith("flowlab.")]:
-        del sys.modules[_name]
-
 import torch
 
+RUNTIME = """Runtime of the default run (the shared 2-core CPU, --threads 1; docs/benchmarks.md): about 8 min
+on a quiet machine (492 s: part (a) ~200 s, training the quickstart pipeline 197 s, part (b) ~90 s),
+about 15 min when other jobs share the cores (888 s). --pipeline skips the training; --quick takes seconds."""
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "quickstart.yaml"
 SECOND_ORDER = ("midpoint", "heun", "multistep")
@@ -76,7 +72,8 @@ def _ints(s: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=RUNTIME,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small version: fewer steps, repeats and samples (smoke test)")
     p.add_argument("--config", type=str, default=str(DEFAULT_CONFIG), help="base config (default: configs/quickstart.yaml)")
     p.add_argument("--workdir", type=str, default=None, help="where runs go (default: a temporary folder, removed at the end)")
@@ -199,7 +196,7 @@ def _median(xs: list[float]) -> float:
 
 
 def _trainer_config(args, output_dir: Path, max_steps: int):
-    from flowlab.train import load_config
+    from flowlab.recipes import load_config
 
     over = _quiet_run_overrides(output_dir) + _model_overrides(args) + [
         f"seed={args.seed}",
@@ -213,7 +210,7 @@ def _trainer_config(args, output_dir: Path, max_steps: int):
 
 def run_flowlab(args, output_dir: Path, profile: cProfile.Profile | None = None) -> dict[str, Any]:
     """One ``Trainer.train()``; throughput from its ``metrics.jsonl`` windows after warm-up."""
-    from flowlab.train import Trainer
+    from flowlab.recipes import Trainer
 
     warm = args.warmup_windows * args.window
     cfg = _trainer_config(args, output_dir, warm + args.steps)
@@ -244,9 +241,8 @@ def run_flowlab(args, output_dir: Path, profile: cProfile.Profile | None = None)
 
 def run_bare(args, x: torch.Tensor, y: torch.Tensor, cfg, profile: cProfile.Profile | None = None) -> dict[str, Any]:
     """The same per-step work as the trainer, written as a plain PyTorch loop."""
-    from diffusers.training_utils import EMAModel
-
     from flowlab.models import MLPVelocity
+    from flowlab.train.ema import InPlaceEMA
 
     m, t, f = cfg.model, cfg.train, cfg.flow
     torch.manual_seed(args.seed)
@@ -256,7 +252,7 @@ def run_bare(args, x: torch.Tensor, y: torch.Tensor, cfg, profile: cProfile.Prof
     )
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
-    ema = EMAModel(model.parameters(), decay=t.ema_decay, foreach=True)
+    ema = InPlaceEMA(model.parameters(), decay=t.ema_decay)
     g = torch.Generator().manual_seed(args.seed)
     n, b, null = x.shape[0], t.batch_size, 10
     p_drop, max_norm = m.label_dropout, t.max_grad_norm
@@ -360,7 +356,7 @@ def bench_trainer(args, workdir: Path) -> dict[str, Any]:
         "batch_size": t.batch_size,
         "model": {"type": "mlp", "hidden_dim": m.hidden_dim, "depth": m.depth, "time_embed_dim": m.time_embed_dim,
                   "class_conditional": True, "num_params": _num_params(m)},
-        "ema": "diffusers EMAModel(foreach=True) in both loops",
+        "ema": "flowlab InPlaceEMA (diffusers EMAModel state, in-place foreach lerp) in both loops",
         "target": TARGET_OVERHEAD,
         "within_target": med(ratios) <= TARGET_OVERHEAD,
     }
@@ -424,7 +420,7 @@ def format_trainer(res: dict[str, Any]) -> str:
 
 
 def train_pipeline(args, workdir: Path) -> Path:
-    from flowlab.train import Trainer, load_config
+    from flowlab.recipes import Trainer, load_config
 
     out = workdir / "pipeline-run"
     over = [f"output_dir={out}", "train.overwrite=true", "train.report_to=none", f"seed={args.seed}"] + _model_overrides(args)

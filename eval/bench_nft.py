@@ -28,8 +28,10 @@ import sys
 import tempfile
 import time
 
+RUNTIME = """Runtime of the default run (the 2-core CPU, 1 torch thread; docs/benchmarks.md): about 15 min on a
+quiet machine (the 4-rate grid x 2 methods on seed 0, then each chosen rate on seeds 1 and 2). It needs
+the base pipeline first: python train.py --config configs/quickstart.yaml (about 2.5 min)."""
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "src"))
 
 
 def smooth(values: list[float], k: int) -> list[float]:
@@ -43,7 +45,7 @@ def smooth(values: list[float], k: int) -> list[float]:
 
 def run_one(method: str, base: str, lr: float, seed: int, steps: int, args, workdir: str) -> dict:
     """Train one method; return its reward curve, wall time and final guards."""
-    from flowlab.train import Trainer, load_config
+    from flowlab.recipes import Trainer, load_config
 
     out = os.path.join(workdir, f"{method}_lr{lr:g}_s{seed}")
     overrides = [
@@ -135,7 +137,8 @@ def add_ratios(results: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=RUNTIME,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default=os.path.join(ROOT, "runs/quickstart/pipeline"), help="FlowPipeline to fine-tune")
     p.add_argument("--target", type=int, default=3)
     p.add_argument("--budget", type=int, default=9600, help="rollouts per run (both methods)")
@@ -164,7 +167,7 @@ def main(argv=None) -> int:
     print(f"base (conditional class {args.target}): fd {base['fd']:.2f}, diversity {base['diversity']:.3f} (real {base['diversity_real']:.3f})")
     results: dict = {"base": base, "config": vars(args)}
     for method in args.methods:
-        from flowlab.train import load_config
+        from flowlab.recipes import load_config
 
         cfg = load_config(os.path.join(ROOT, "configs", f"{method}_digits.yaml"), [*args.override])
         per_step = cfg.train.batch_size * cfg.rl.group_size

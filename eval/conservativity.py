@@ -7,33 +7,32 @@ Works on a flowlab ``FlowPipeline`` folder, on diffusers ``DDPMPipeline``/``DDIM
 families (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``FluxPipeline``; a folder or a
 Hub id) with ``--prompt`` (repeatable) and ``--guidance-scale`` (CFG, or FLUX's guidance embedding),
 through :mod:`flowlab.families`; ``--config`` reads the options from a YAML file (keys are the
-option names with ``_``, e.g. ``configs/wgf/sd15.yaml``), command-line options override it:
-
-    python eval/conservativity.py --config configs/wgf/sd15.yaml --json runs/wgf_sd15/report.json
- The points are the
-model's own samples noised along its path to each time (``--data`` uses a built-in dataset
-instead). The field analysed is the implied score (``--field``; velocity and epsilon differ
-from it only by gradient terms and time-dependent factors, so they share its curl).
+option names with ``_``, e.g. ``configs/wgf/sd15.yaml``), command-line options override it. The
+points are the model's own samples noised along its path to each time (``--data`` uses a
+built-in dataset instead). The field analysed is the implied score (``--field``; velocity and
+epsilon differ from it only by gradient terms and time-dependent factors, so they share its curl).
 Writes ``<out>/conservativity.png`` (each diagnostic against t with 95% CIs), for 2-D models
 ``<out>/quiver_curl.png`` (the field with its curl as colour), and ``--json``.
+
+    python eval/conservativity.py --config configs/wgf/sd15.yaml --json runs/wgf_sd15/report.json
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import time
 
+import torch
 import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "src"))
+from flowlab.wgf import load_probability_flow
+from flowlab.wgf.diagnostics import conservativity_report, noised_points
 
-import torch  # noqa: E402
 
-from flowlab.wgf import load_probability_flow  # noqa: E402
-from flowlab.wgf.diagnostics import conservativity_report, noised_points  # noqa: E402
+RUNTIME = """Runtime of the default run on the quickstart pipeline (the 2-core CPU, OMP_NUM_THREADS=1): about 12 s
+(measured 11.4 s: 256 samples, 5 bins x 64 points, exact Jacobians, plots). Larger models and
+--num-points scale it up."""
 
 
 def _pool(flow, shape, args) -> torch.Tensor:
@@ -69,7 +68,8 @@ def _apply_config(p: argparse.ArgumentParser, argv) -> None:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=RUNTIME,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="a YAML file of option values (keys: option names with _)")
     p.add_argument("--pipeline", default=None, help="a saved pipeline folder (or a Hub id of a text-to-image pipeline)")
     p.add_argument("--prompt", dest="prompts", action="append", default=None,

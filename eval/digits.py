@@ -13,17 +13,11 @@ compare FDs only at equal ``--num-samples`` (use 360 to compare with the floor d
 from __future__ import annotations
 
 import argparse
-import sys
+import json
+import os
 import time
 from pathlib import Path
 from typing import Any
-
-try:
-    import flowlab.metrics.digits  # noqa: F401
-except ImportError:  # not installed: use the repository's src/
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    for _name in [m for m in sys.modules if m == "flowlab" or m.startswith("flowlab.")]:
-        del sys.modules[_name]
 
 import torch
 
@@ -32,8 +26,14 @@ from flowlab.fileio import atomic_write_json
 from flowlab.metrics.digits import CLASSIFIER_VERSION, DigitsEvaluator
 
 
+RUNTIME = """Runtime of the default run on the quickstart pipeline (the 2-core CPU, OMP_NUM_THREADS=1): about 8 s
+(measured 8.3 s for 1,000 samples, heun, 16 steps), plus about 2 s the first time, to train and cache
+the digits classifier."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=RUNTIME,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pipeline", type=str, help="directory of a saved FlowPipeline")
     src.add_argument("--real-test", action="store_true", help="evaluate the real test split instead (fd == floor)")

@@ -20,10 +20,11 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "src"))
+import torch
 
-import torch  # noqa: E402
+RUNTIME = """Runtime of the default run (the shared 2-core CPU, OMP_NUM_THREADS=1; docs/benchmarks.md): about
+10 min (4 variants x 3 seeds = 12 models); --seeds 0 takes a third of that."""
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 VARIANTS = ("dt", "ct", "fm", "backprop")
 
@@ -31,7 +32,8 @@ VARIANTS = ("dt", "ct", "fm", "backprop")
 def peak_saved_bytes(config) -> int:
     """Peak live saved-for-backward bytes of one training step (the trainer's part-by-part backward)."""
     from flowlab.noprop.memory import SavedActivationMeter
-    from flowlab.train.recipe import StepContext, get_recipe
+    from flowlab.recipes import get_recipe
+    from flowlab.train.recipe import StepContext
 
     recipe = get_recipe(config)
     ds = recipe.build_dataset()
@@ -50,7 +52,7 @@ def peak_saved_bytes(config) -> int:
 def run_variant(variant: str, seed: int, workdir: str, extra: list[str], ct_steps: list[int]) -> dict:
     from flowlab.noprop import NoPropClassifier
     from flowlab.noprop.recipe import accuracy, load_eval_split
-    from flowlab.train import Trainer, load_config
+    from flowlab.recipes import Trainer, load_config
 
     out_dir = os.path.join(workdir, f"{variant}_{seed}")
     cfg = load_config(
@@ -75,7 +77,8 @@ def run_variant(variant: str, seed: int, workdir: str, extra: list[str], ct_step
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=RUNTIME,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", required=True, help="where to write the results")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)

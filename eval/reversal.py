@@ -26,10 +26,14 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "src"))
+import torch
 
-import torch  # noqa: E402
+RUNTIME = """Runtime (the shared 2-core CPU, OMP_NUM_THREADS=1): there is no default run; give --runs or --train.
+--train, the benchmark: about 9 min 20 s (docs/benchmarks.md: 9 min 17 s, of which 490 s training the three
+models and about 1 min evaluating them). --runs on the three shipped models: evaluation only, about 1 min on
+that machine (measured 6.8 min, GPT-2 331 s and each JEPA model 27 s, with the machine overloaded at a load
+average of ~11)."""
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIGS = {"ar": "reversal_ar.yaml", "jepa": "reversal_jepa.yaml", "jepa_memory": "reversal_jepa_memory.yaml"}
 METRICS = ("seen", "forward", "reverse", "seen_mrr", "forward_mrr", "reverse_mrr")
@@ -59,7 +63,7 @@ def evaluate_run(run_dir: str, max_queries: int | None = None) -> tuple[str, dic
 
 def train_all(workdir: str, overrides: list[str], keys: list[str]) -> dict[str, tuple[str, float]]:
     """Train the shipped configs through the shared Trainer; ``{key: (run_dir, seconds)}``."""
-    from flowlab.train import Trainer, load_config
+    from flowlab.recipes import Trainer, load_config
 
     runs = {}
     for key in keys:
@@ -88,7 +92,8 @@ def format_table(results: dict, seconds: dict | None = None) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=RUNTIME,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", default=None, help="trained run folders (output_dir of train.py)")
     p.add_argument("--train", action="store_true", help="train the three shipped configs first (the benchmark)")
     p.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="with --train: which ones")

@@ -16,14 +16,18 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def tiny_overrides(output_dir, *extra):
-    """A digits run small enough for tests: tiny MLP, few steps, no trackers."""
+    """A digits run small enough for tests: tiny MLP, few steps, no trackers.
+
+    Keys a run would refuse are left out: the MLP sizes when ``extra`` picks another ``model.type``,
+    and the flow-matching sampler settings for another ``recipe`` (``extra`` still wins over the rest).
+    """
+    chosen = dict(item.split("=", 1) for item in extra if "=" in item)
+    recipe = chosen.get("recipe", "flow_matching")
+    mlp = chosen.get("model.type", "mlp") in ("mlp", "conservative")
     return [
         f"output_dir={output_dir}",
         "data.name=digits",
-        "model.type=mlp",
-        "model.hidden_dim=32",
-        "model.depth=2",
-        "model.time_embed_dim=16",
+        *(["model.type=mlp", "model.hidden_dim=32", "model.depth=2", "model.time_embed_dim=16"] if mlp else []),
         "train.batch_size=32",
         "train.max_steps=40",
         "train.warmup_steps=5",
@@ -33,7 +37,7 @@ def tiny_overrides(output_dir, *extra):
         "train.report_to=none",
         "sample.every=0",
         "sample.num_images=4",
-        "sample.num_inference_steps=2",
+        *(["sample.num_inference_steps=2"] if recipe == "flow_matching" else []),
         "eval.enabled=false",
         *extra,
     ]

@@ -15,6 +15,14 @@ class QuietHandler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def send_body(self, code: int, body: bytes, content_type: str = "application/json") -> None:
+        """Answer with status ``code`` and ``body``."""
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
 
 class LocalHTTPServer:
     """A ``ThreadingHTTPServer`` on 127.0.0.1 with a free port, served from a daemon thread

@@ -12,7 +12,8 @@ from accelerate.utils import DistributedType
 from accelerate.utils.launch import prepare_multi_gpu_env
 
 from conftest import ROOT
-from flowlab.train import ConfigError, load_config
+from flowlab.errors import ConfigError
+from flowlab.recipes import load_config
 from flowlab.train.trainer import _check_sharded_setup
 
 ACC = os.path.join(ROOT, "configs", "accelerate")

@@ -151,3 +151,34 @@ def test_resume_latest_of_a_finished_run_trains_nothing(finished_run):
     after = _weights(out)
     assert after.keys() == before_weights.keys()
     assert all(torch.equal(after[k], before_weights[k]) for k in after)
+
+
+def test_saved_config_of_a_run_reloads_and_lists_only_its_keys(finished_run):
+    """The run's config.yaml loads back with load_config; an MLP-on-digits run lists no UNet/DiT or image keys."""
+    import yaml
+
+    from flowlab.recipes import config_to_dict, load_config
+
+    out, _, proc = finished_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path = os.path.join(out, "config.yaml")
+    with open(path) as f:
+        saved = yaml.safe_load(f)
+    assert set(saved["data"]) == {"name", "split"}
+    assert "block_out_channels" not in saved["model"] and "num_layers" not in saved["model"] and saved["model"]["hidden_dim"] == 32
+    cfg = load_config(path)
+    assert config_to_dict(cfg) == saved
+
+
+def test_hub_push_without_a_token_fails_before_training(tmp_path, monkeypatch, capsys):
+    """hub.push=true with neither HF_TOKEN nor a cached login is refused at start-up, naming hub.push."""
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
+    out = tmp_path / "run"
+    rc = train_main(tiny_overrides(str(out), "hub.push=true", "hub.repo_id=me/digits"))
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("flowlab: error: hub.push:") and "HF_TOKEN" in err and "hf auth login" in err
+    assert not out.exists()  # nothing trained

@@ -27,10 +27,9 @@ from hypothesis import strategies as st
 
 from conftest import tiny_overrides
 from flowlab.cli import train_main
-from flowlab.train.config import CONFIG_SECTIONS, Config
-from flowlab.train.recipe import import_builtin_recipes
-
-import_builtin_recipes()  # recipe sections (noprop, nft, ...) are part of the schema
+from flowlab.recipes import RECIPES  # the top layer: the built-in recipes and their sections
+from flowlab.schema import TaggedUnion
+from flowlab.train.config import Config
 
 
 class _WouldTrain(BaseException):
@@ -75,26 +74,36 @@ def _clean_error(rc, err, argv) -> str:
 
 
 def _leaves():
-    out = []
+    """``(dotted key, type, metadata, overrides that select it)`` of every key of every recipe: a recipe's
+    section is reached with ``recipe=<name>``, a variant of a tagged union with its tag (``model.type=unet``)."""
+    out = {}
 
-    def walk(cls, prefix):
+    def walk(cls, prefix, select):
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             tp = hints[f.name]
+            if f.name == "sections":
+                continue
             if dataclasses.is_dataclass(tp):
-                walk(tp, f"{prefix}{f.name}.")
+                walk(tp, f"{prefix}{f.name}.", select)
             else:
-                out.append((f"{prefix}{f.name}", tp, dict(f.metadata)))
+                out.setdefault(f"{prefix}{f.name}", (f"{prefix}{f.name}", tp, dict(f.metadata), select))
 
-    walk(Config, "")
-    for name, cls in CONFIG_SECTIONS.items():
-        walk(cls, f"{name}.")
-    return out
+    walk(Config, "", [])
+    for recipe, spec in RECIPES.items():
+        for name, schema in spec.sections.items():
+            if isinstance(schema, TaggedUnion):
+                for tag, cls in schema.variants.items():
+                    walk(cls, f"{name}.", [f"recipe={recipe}", f"{name}.{schema.tag}={tag}"])
+            else:
+                walk(schema, f"{name}.", [f"recipe={recipe}"])
+    return list(out.values())
 
 
 LEAVES = _leaves()
-SECTIONS = sorted({k.rsplit(".", 1)[0] for k, _, _ in LEAVES if "." in k})
-NAMES = {part for k, _, _ in LEAVES for part in k.split(".")}
+SECTIONS = sorted({k.rsplit(".", 1)[0] for k, *_ in LEAVES if "." in k})
+NAMES = {part for k, *_ in LEAVES for part in k.split(".")}
+SELECT = {key: select for key, _, _, select in LEAVES}
 
 
 def _base(tp):
@@ -127,7 +136,7 @@ def _invalid_raw(tp, meta) -> list[str]:
     return out
 
 
-BAD_VALUES = [(key, raw) for key, tp, meta in LEAVES for raw in _invalid_raw(tp, meta)]
+BAD_VALUES = [(key, raw) for key, tp, meta, _ in LEAVES for raw in _invalid_raw(tp, meta)]
 
 _undecodable = st.binary(min_size=1, max_size=6).map(lambda b: (b"\xff" + b).decode("utf-8", "surrogateescape"))
 _junk_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="="), min_size=1, max_size=15)
@@ -139,33 +148,34 @@ def _malformed_item(draw):
     kind = draw(st.sampled_from(["bad_value", "unknown_key", "no_equals", "undecodable_value", "undecodable_key"]))
     if kind == "bad_value":
         key, raw = draw(st.sampled_from(BAD_VALUES))
-        return f"{key}={raw}", [key]
+        return [*SELECT[key], f"{key}={raw}"], [key]
     if kind == "unknown_key":
         section = draw(st.sampled_from(["", *[s + "." for s in SECTIONS]]))
         name = draw(st.from_regex(r"[a-z_][a-z0-9_]{0,12}", fullmatch=True).filter(lambda n: n not in NAMES))
         value = draw(st.sampled_from(["1", "x", "[1, 2]", "null", "{a: 1}"]))
-        return f"{section}{name}={value}", [f"'{section}{name}'"]
+        select = next((sel for key, *_, sel in LEAVES if key.startswith(section)), []) if section else []
+        return [*select, f"{section}{name}={value}"], [f"'{section}{name}'"]
     if kind == "no_equals":
         item = draw(_junk_text.filter(lambda s: not s.lstrip().startswith("-") and s.strip()))
-        return item, ["key=value"]
+        return [item], ["key=value"]
     if kind == "undecodable_value":
-        key, _, _ = draw(st.sampled_from([leaf for leaf in LEAVES if leaf[0] not in ("output_dir",)]))
-        return f"{key}={draw(_undecodable)}", [key]
-    return f"train.{draw(_undecodable)}=1", ["train."]
+        key, _, _, select = draw(st.sampled_from([leaf for leaf in LEAVES if leaf[0] not in ("output_dir",)]))
+        return [*select, f"{key}={draw(_undecodable)}"], [key]
+    return [f"train.{draw(_undecodable)}=1"], ["train."]
 
 
-# valid overrides that may surround the bad one (none of them starts a run: training is stubbed)
-_VALID = ["train.max_steps=3", "train.lr=1e-4", "model.hidden_dim=8", "seed=7", "sample.every=0", "eval.enabled=false", "train.report_to=none"]
+# valid overrides that may surround the bad one, for every recipe (none of them starts a run: training is stubbed)
+_VALID = ["train.max_steps=3", "train.lr=1e-4", "seed=7", "sample.every=0", "eval.enabled=false", "train.report_to=none"]
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(bad=_malformed_item(), before=st.lists(st.sampled_from(_VALID), max_size=3), after=st.lists(st.sampled_from(_VALID), max_size=3))
 def test_property_malformed_command_lines_exit_2_naming_the_problem(bad, before, after):
-    item, fragments = bad
-    key = item.split("=", 1)[0]
-    before, after = ([v for v in vs if v.split("=", 1)[0] != key] for vs in (before, after))  # a later value would win
+    items, fragments = bad
+    keys = {item.split("=", 1)[0] for item in items}
+    before, after = ([v for v in vs if v.split("=", 1)[0] not in keys] for vs in (before, after))  # a later value would win
     with tempfile.TemporaryDirectory() as d:
-        argv = [f"output_dir={d}/run", *before, item, *after]
+        argv = [f"output_dir={d}/run", *before, *items, *after]
         msg = _clean_error(*_run(argv), argv)
     for frag in fragments:
         assert frag in msg, (argv, msg)

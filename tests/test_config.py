@@ -9,14 +9,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flowlab.train.config import (
-    Config,
-    ConfigError,
-    config_from_dict,
-    config_to_dict,
-    load_config,
-    parse_overrides,
-)
+from flowlab.recipes import config_from_dict, config_to_dict, load_config  # the top layer: registers the recipes
+from flowlab.schema import TaggedUnion
+from flowlab.train.config import Config, ConfigError, parse_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
@@ -56,7 +51,7 @@ def test_every_shipped_config_validates(path, tmp_path):
                     assert got == v or (isinstance(v, (int, float)) and float(got) == float(v)), f"{section}.{k}"
         else:
             assert as_dict[section] == values
-    from flowlab.train.recipe import get_recipe
+    from flowlab.recipes import get_recipe
 
     assert get_recipe(cfg).name == cfg.recipe  # the recipe exists and accepts the config
 
@@ -64,9 +59,11 @@ def test_every_shipped_config_validates(path, tmp_path):
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
 def test_shipped_config_builds_its_model(path, tmp_path):
     """The model section of each config is consistent with its data (a UNet's groups divide its channels, ...)."""
-    from flowlab.train.flow_matching import build_velocity_model
+    from flowlab.recipes.flow_matching.recipe import build_velocity_model
 
     cfg = load_config(path, [f"data.path={tmp_path}"] if "imagefolder" in open(path).read() else [])
+    if cfg.recipe != "flow_matching":
+        pytest.skip(f"recipe {cfg.recipe} has no velocity model section")
     d = cfg.data
     if d.name == "digits":
         shape = (1, 8, 8)
@@ -86,7 +83,7 @@ def test_defaults_are_valid_and_round_trip():
 
 
 def test_yaml_round_trip_of_a_loaded_config(tmp_path):
-    cfg = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"), ["train.lr=3e-4", "model.block_out_channels=[16,32]"])
+    cfg = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"), ["train.lr=3e-4", "model.hidden_dim=32"])
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(config_to_dict(cfg)))
     assert load_config(p) == cfg
@@ -103,11 +100,12 @@ def test_overrides_parse_numbers_bools_lists():
             "train.max_steps=200",
             "train.adam_beta2=0.95",
             "sample.guidance_scale=3",
+            "model.type=unet",
             "model.block_out_channels=[32,64]",
             "model.down_block_types=[DownBlock2D, AttnDownBlock2D]",
             "model.class_conditional=true",
             "eval.enabled=false",
-            "data.path=null",
+            "model.pretrained=null",
             "output_dir=/tmp/some where",
             "train.resume=latest",
         ],
@@ -120,7 +118,7 @@ def test_overrides_parse_numbers_bools_lists():
     assert cfg.model.down_block_types == ["DownBlock2D", "AttnDownBlock2D"]
     assert cfg.model.class_conditional is True
     assert cfg.eval.enabled is False
-    assert cfg.data.path is None
+    assert cfg.model.pretrained is None
     assert cfg.output_dir == "/tmp/some where"
     assert cfg.train.resume == "latest"
 
@@ -198,8 +196,8 @@ def test_unknown_key_in_a_yaml_file(tmp_path):
         ("train.lr=nan", "train.lr", "finite"),
         ("train.lr=.inf", "train.lr", "finite"),
         ("model.label_dropout=.nan", "model.label_dropout", "finite"),
-        ("model.block_out_channels=32", "model.block_out_channels", "list"),
-        ("model.block_out_channels=[32,x]", "model.block_out_channels[1]", "integer"),
+        ("model.type=unet model.block_out_channels=32", "model.block_out_channels", "list"),
+        ("model.type=unet model.block_out_channels=[32,x]", "model.block_out_channels[1]", "integer"),
         ("data.name=5", "data.name", "string"),
         ("model={}", None, None),  # an empty section is fine
         ("train=5", "train", "mapping"),
@@ -207,9 +205,9 @@ def test_unknown_key_in_a_yaml_file(tmp_path):
 )
 def test_wrong_types_name_the_key(override, key, words):
     if key is None:
-        load_config(None, [override])
+        load_config(None, override.split())
         return
-    msg = _err([override])
+    msg = _err(override.split())
     assert msg.startswith(f"{key}:") or f"'{key}'" in msg, msg
     assert words in msg
 
@@ -244,11 +242,11 @@ def test_range_edges_are_inclusive():
         ("model.type=transformer", "model.type"),
         ("sample.solver=rk4", "sample.solver"),
         ("train.mixed_precision=fp8", "train.mixed_precision"),
-        ("data.channels=2", "data.channels"),
+        ("data.name=imagefolder data.path=x data.channels=2", "data.channels"),
     ],
 )
 def test_bad_choices_name_the_key_and_the_choices(override, key):
-    msg = _err([override])
+    msg = _err(override.split())
     assert msg.startswith(f"{key}: ") and "is not one of" in msg
 
 
@@ -313,18 +311,31 @@ def _leaf_fields():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             key = f"{prefix}{f.name}"
+            if f.name == "sections":  # the recipe's sections, walked below
+                continue
             if dataclasses.is_dataclass(hints[f.name]):
                 walk(hints[f.name], key + ".")
             else:
                 out.append((key, hints[f.name], dict(f.metadata)))
 
     walk(Config, "")
+    for name, schema in RECIPE_SECTIONS.items():  # the default recipe's sections (default variant of a union)
+        walk(schema.variants[schema.default] if isinstance(schema, TaggedUnion) else schema, name + ".")
     return out
 
 
+def _every_key_of(schema) -> set:
+    variants = schema.variants.values() if isinstance(schema, TaggedUnion) else [schema]
+    return {f.name for cls in variants for f in dataclasses.fields(cls)}
+
+
+RECIPE_SECTIONS = dict(__import__("flowlab.recipes", fromlist=["RECIPES"]).RECIPES["flow_matching"].sections)
 LEAVES = _leaf_fields()
-SECTIONS = [""] + [f.name + "." for f in dataclasses.fields(Config) if dataclasses.is_dataclass(typing.get_type_hints(Config)[f.name])]
-ALL_NAMES = {k.rsplit(".", 1)[-1] for k, _, _ in LEAVES} | {s.rstrip(".") for s in SECTIONS if s}
+SECTIONS = [""] + [f"{name}." for name in ("train", "hub", *RECIPE_SECTIONS)]
+ALL_NAMES = (
+    {k.rsplit(".", 1)[-1] for k, _, _ in LEAVES} | {s.rstrip(".") for s in SECTIONS if s}
+    | {k for schema in RECIPE_SECTIONS.values() for k in _every_key_of(schema)} | {"sections"}
+)
 
 _names = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,20}", fullmatch=True).filter(lambda n: n not in ALL_NAMES)
 _plain = st.one_of(
@@ -393,8 +404,8 @@ _raw_text = st.one_of(
     st.integers(-(10**6), 10**6).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
 )
-# keys whose validity depends on more than their own value (cross-checks) are left to the tests above
-_SELF_CONTAINED = [leaf for leaf in LEAVES if leaf[0] not in ("train.resume", "model.attention", "data.name", "data.path", "model.type")]
+# keys whose validity depends on more than their own value (cross-checks, the recipe registry) are left to the tests above
+_SELF_CONTAINED = [leaf for leaf in LEAVES if leaf[0] not in ("recipe", "train.resume", "model.attention", "data.name", "data.path", "model.type")]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -441,30 +452,34 @@ def test_property_garbage_python_values_raise_config_error(leaf, value):
 
 
 def test_recipe_sections_register_validate_and_serialise():
-    """A recipe's own section (``register_config_section``) is validated and read like the built-in ones."""
+    """A recipe's own section (``register_recipe(..., sections=...)``) is validated and read like the core ones."""
     import dataclasses
 
-    from flowlab.train.config import CONFIG_SECTIONS, config_to_dict, register_config_section
+    from flowlab.train.registry import RECIPES, register_recipe
 
     @dataclasses.dataclass
     class ToySection:
         beta: float = dataclasses.field(default=1.0, metadata={"min": 0.0})
         groups: int = 4
 
-    register_config_section("toy_recipe", ToySection)
+    register_recipe("toy_recipe", {"toy_recipe": ToySection}, load=lambda: None)
     try:
-        cfg = load_config(None, ["toy_recipe.beta=0.5"])
+        cfg = load_config(None, ["recipe=toy_recipe", "toy_recipe.beta=0.5"])
         assert cfg.toy_recipe.beta == 0.5 and cfg.toy_recipe.groups == 4
         assert config_to_dict(cfg)["toy_recipe"] == {"beta": 0.5, "groups": 4}
-        assert load_config(None, []).toy_recipe.beta == 1.0  # defaults when absent
+        assert set(config_to_dict(cfg)) == {"recipe", "output_dir", "seed", "toy_recipe", "sample", "eval", "train", "hub"}
+        assert load_config(None, ["recipe=toy_recipe"]).toy_recipe.beta == 1.0  # defaults when absent
         with pytest.raises(ConfigError, match="toy_recipe.beta"):
-            load_config(None, ["toy_recipe.beta=-1"])
+            load_config(None, ["recipe=toy_recipe", "toy_recipe.beta=-1"])
         with pytest.raises(ConfigError, match="did you mean 'toy_recipe.groups'"):
-            load_config(None, ["toy_recipe.grups=3"])
+            load_config(None, ["recipe=toy_recipe", "toy_recipe.grups=3"])
         with pytest.raises(ConfigError, match="did you mean 'toy_recipe'"):
-            load_config(None, ["toy_recipes.beta=1"])
+            load_config(None, ["recipe=toy_recipe", "toy_recipes.beta=1"])
+        # the section belongs to its recipe: another recipe's config refuses it, naming both
+        with pytest.raises(ConfigError, match=r"toy_recipe: section of recipe toy_recipe; recipe 'flow_matching' does not read it"):
+            load_config(None, ["toy_recipe.beta=1"])
     finally:
-        CONFIG_SECTIONS.pop("toy_recipe")
+        RECIPES.pop("toy_recipe")
     with pytest.raises(AttributeError):
         load_config(None, []).toy_recipe
 
@@ -474,3 +489,125 @@ def test_bare_no_is_the_string_choice_not_false():
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
     with pytest.raises(ConfigError, match="train.mixed_precision"):
         load_config(None, ["train.mixed_precision=true"])  # "yes" is not a choice
+
+
+# --------------------------------------------------------------------------- sections owned by recipes
+
+
+@pytest.mark.parametrize(
+    "overrides,start,words",
+    [
+        (["recipe=nft", "data.name=digits"], "data: section of recipe flow_matching, noprop", ["recipe 'nft' does not read it"]),
+        (["recipe=reversal_jepa", "model.hidden_dim=8"], "model: section of recipe", ["recipe 'reversal_jepa'"]),
+        (["noprop.variant=dt"], "noprop: section of recipe noprop", ["recipe 'flow_matching'"]),
+        (["recipe=flowgrpo", "nft.kl_coef=0.1"], "nft: section of recipe nft", ["recipe 'flowgrpo'"]),
+    ],
+)
+def test_a_section_the_recipe_does_not_read_is_refused(overrides, start, words):
+    msg = _err(overrides)
+    assert msg.startswith(start), msg
+    assert all(w in msg for w in words), msg
+
+
+@pytest.mark.parametrize(
+    "overrides,key,variant",
+    [
+        (["data.resolution=16"], "data.resolution", "data.name=digits"),  # digits are 8x8 greyscale
+        (["data.channels=1"], "data.channels", "data.name=digits"),
+        (["data.name=moons", "data.split=test"], "data.split", "data.name=moons"),
+        (["model.block_out_channels=[8,8]"], "model.block_out_channels", "model.type=mlp"),
+        (["model.type=dit", "model.hidden_dim=8"], "model.hidden_dim", "model.type=dit"),
+        (["model.type=conservative", "model.attention=xformers"], "model.attention", "model.type=conservative"),
+        (["recipe=nft", "rl.prompts=[a cat]"], "rl.prompts", "rl.pipeline=flowlab"),
+        (["recipe=nft", "rl.pipeline=sd3", "rl.base=x/y", "rl.prompts=[a]", "rl.class_labels=[1]"], "rl.class_labels", "rl.pipeline=sd3"),
+    ],
+)
+def test_keys_of_another_variant_are_refused_not_ignored(overrides, key, variant):
+    msg = _err(overrides)
+    assert msg.startswith(f"{key}: not a key of {variant}; valid: "), msg
+
+
+def test_the_engine_sample_section_takes_no_sampler_settings_for_recipes_without_them():
+    msg = _err(["recipe=noprop", "sample.solver=heun"])
+    assert "unknown config key 'sample.solver'" in msg and "every" in msg
+
+
+def test_a_key_of_a_sibling_section_is_pointed_to():
+    """docs once said nft.rewards; the key is rl.rewards, and the error says so."""
+    msg = _err(["recipe=nft", "nft.rewards=[{name: jpeg_compressibility}]"])
+    assert "unknown config key 'nft.rewards'" in msg and "did you mean 'rl.rewards'?" in msg
+    assert "did you mean 'flow.time_sampler'?" in _err(["recipe=nft", "nft.time_sampler=uniform"])
+
+
+def test_rl_settings_validate_themselves():
+    assert _err(["recipe=nft", "rl.rewards=[]"]).startswith("rl.rewards: give at least one reward")
+    assert _err(["recipe=nft", "rl.pipeline=sd3", "rl.base=x/y"]).startswith("rl.prompts: an sd3 pipeline needs prompts")
+    assert _err(["recipe=nft", "rl.base=null"]).startswith("rl.base:")
+    sd3 = load_config(None, ["recipe=flowgrpo", "rl.pipeline=sd3", "rl.base=x/y", "rl.prompts=[a cat, a dog]"])
+    assert sd3.rl.conditions() == ["a cat", "a dog"] and not hasattr(sd3.rl, "class_labels")
+    flowlab_rl = load_config(None, ["recipe=nft", "rl.class_labels=[3, 5]"]).rl
+    assert flowlab_rl.conditions() == [3, 5] and not hasattr(flowlab_rl, "prompts")
+    assert load_config(None, ["recipe=nft"]).rl.conditions() == [None]  # unconditional: the null class
+
+
+def test_noprop_model_backbone_must_be_an_image_backbone():
+    assert _err(["recipe=noprop", "noprop.backbone=model", "model.type=conservative"]).startswith("model.type: noprop.backbone=model")
+    assert load_config(None, ["recipe=noprop", "noprop.backbone=model", "model.type=unet"]).model.type == "unet"
+
+
+@pytest.mark.parametrize(
+    "overrides,model_keys,data_keys",
+    [
+        ([], {"type", "class_conditional", "label_dropout", "pretrained", "dropout", "hidden_dim", "depth", "time_embed_dim"}, {"name", "split"}),
+        (["model.type=unet", "model.block_out_channels=[16,32]"], {"block_out_channels", "norm_num_groups", "attention"}, {"name", "split"}),
+        (["model.type=dit", "model.patch_size=4", "data.name=moons"], {"num_layers", "patch_size", "attention"}, {"name", "num_samples"}),
+        (["data.name=hf", "data.path=user/images", "data.resolution=16"], {"hidden_dim"}, {"path", "resolution", "channels", "num_workers"}),
+    ],
+    ids=["mlp-digits", "unet", "dit-moons", "mlp-hf"],
+)
+def test_tagged_union_sections_round_trip_through_config_yaml(tmp_path, overrides, model_keys, data_keys):
+    cfg = load_config(None, overrides)
+    saved = config_to_dict(cfg)
+    assert model_keys <= set(saved["model"]) and data_keys <= set(saved["data"])
+    if saved["model"]["type"] == "mlp":  # an MLP run's config lists no UNet / DiT keys
+        assert not {"block_out_channels", "num_layers", "attention", "patch_size"} & set(saved["model"])
+    if saved["data"]["name"] == "digits":  # nor image-folder keys for the embedded digits
+        assert set(saved["data"]) == {"name", "split"}
+    p = tmp_path / "config.yaml"
+    p.write_text(yaml.safe_dump(saved, sort_keys=False))
+    again = load_config(p)
+    assert again == cfg and type(again.model) is type(cfg.model) and type(again.data) is type(cfg.data)
+    assert list(config_to_dict(again)) == ["recipe", "output_dir", "seed", "data", "model", "flow", "sample", "eval", "train", "hub"]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
+def test_every_shipped_config_round_trips_through_its_saved_form(path, tmp_path):
+    """What a run writes to config.yaml (config_to_dict) loads back to the same config."""
+    cfg = load_config(path, [f"data.path={tmp_path}"] if "imagefolder" in open(path).read() else [])
+    p = tmp_path / "config.yaml"
+    p.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    assert load_config(p) == cfg
+
+
+def test_the_light_name_lists_match_the_implementations():
+    from flowlab.data import TOY2D
+    from flowlab.flow.solvers import SOLVERS
+    from flowlab.names import SOLVER_NAMES, TOY2D_NAMES
+
+    assert tuple(SOLVERS) == SOLVER_NAMES and tuple(TOY2D) == TOY2D_NAMES
+
+
+def test_rl_prerequisite_is_the_base_run_and_the_engine_does_not_train_it(tmp_path):
+    """A missing rl.base is a prerequisite the top layer trains; a Trainer never trains it from inside."""
+    from flowlab.recipes import Trainer, get_recipe
+
+    base = tmp_path / "base" / "pipeline"
+    cfg = load_config(os.path.join(ROOT, "configs", "nft_digits.yaml"),
+                      [f"rl.base={base}", f"rl.base_config={os.path.join(ROOT, 'configs', 'quickstart.yaml')}", f"output_dir={tmp_path / 'rl'}"])
+    (pre,) = get_recipe(cfg).prerequisites()
+    assert pre.recipe == "flow_matching" and pre.output_dir == str(tmp_path / "base")
+    with pytest.raises(ConfigError, match=r"rl.base: .* does not exist; train it first"):
+        Trainer(cfg)
+    assert not (tmp_path / "base").exists()
+    not_a_path = load_config(os.path.join(ROOT, "configs", "nft_digits.yaml"), ["rl.base=some-hub-model"])
+    assert get_recipe(not_a_path).prerequisites() == []  # only a local path (with a separator) is trained

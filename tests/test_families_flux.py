@@ -22,7 +22,8 @@ from flowlab.flow.sampling import sample  # noqa: E402
 from flowlab.flow.solvers import time_grid  # noqa: E402
 from flowlab.nft.family_policy import FluxPolicy  # noqa: E402
 from flowlab.nft.policy import LoraSpec  # noqa: E402
-from flowlab.train.config import ConfigError, load_config  # noqa: E402
+from flowlab.errors import ConfigError  # noqa: E402
+from flowlab.recipes import load_config  # noqa: E402
 from flowlab.wgf import ProbabilityFlow  # noqa: E402
 
 RES = 16  # one-block VAE (scale factor 1): latents (4, 16, 16), 64 packed tokens
@@ -350,15 +351,29 @@ def test_flowgrpo_on_flux_recomputes_the_rollouts_step_likelihoods(trained):
 @pytest.mark.parametrize("overrides, snippet", [
     ([], 'FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev")\npipe.load_lora_weights("{repo}")'),
     (["rl.lora_rank=0"], 'transformer = FluxTransformer2DModel.from_pretrained("{repo}", subfolder="transformer")'),
-    (["rl.pipeline=sd_unet", "rl.base=stable-diffusion-v1-5/stable-diffusion-v1-5", "rl.lora_rank=0"],
-     'unet = UNet2DConditionModel.from_pretrained("{repo}", subfolder="unet")\n'
-     'pipe = DiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", unet=unet)'),
 ])
 def test_hub_card_usage_names_the_family_pipeline(overrides, snippet):
     from flowlab.hub import REPO_ID
-    from flowlab.train.recipe import get_recipe
+    from flowlab.recipes import get_recipe
 
     data = get_recipe(load_config(os.path.join(ROOT, "configs", "nft_flux_pickscore.yaml"), overrides)).card_data(REPO_ID)
     assert snippet.format(repo=REPO_ID) in data["usage"]
     compile(data["usage"], "<usage>", "exec")
     assert "diffusionnft" in data["tags"] and ("lora" in data["tags"]) == (not overrides)
+
+
+def test_sd_unet_rl_settings_card_and_keys():
+    from flowlab.errors import OptionError
+    from flowlab.hub import REPO_ID
+    from flowlab.nft.config import SDUNetRLConfig
+
+    rl = SDUNetRLConfig(base="stable-diffusion-v1-5/stable-diffusion-v1-5", prompts=["a cat"], lora_rank=0)
+    usage = rl.card_data(REPO_ID)["usage"]
+    assert (f'unet = UNet2DConditionModel.from_pretrained("{REPO_ID}", subfolder="unet")\n'
+            'pipe = DiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", unet=unet)') in usage
+    compile(usage, "<usage>", "exec")
+    # a UNet has no T5: the FLUX/SD3 key is refused, naming it
+    with pytest.raises(OptionError, match="rl.max_sequence_length: not a key of rl.pipeline=sd_unet"):
+        load_config(os.path.join(ROOT, "configs", "nft_flux_pickscore.yaml"), ["rl.pipeline=sd_unet"])
+    with pytest.raises(ConfigError, match="rl.prompts: an sd_unet pipeline needs prompts"):
+        SDUNetRLConfig(base="x").check(None)

@@ -86,8 +86,40 @@ def block_here():
         time.sleep(3600)
 
 
-if mode == "training_step":  # in the middle of training, checkpoints behind us
-    from flowlab.train.flow_matching import FlowMatchingRecipe
+received = []
+
+
+def wait_for_signal():
+    """Tell the test where we are, then wait until the trainer's handler has recorded a signal."""
+    with open(marker + ".part", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(marker + ".part", marker)
+    while not received:
+        time.sleep(0.01)
+
+
+if mode == "signal":  # SIGINT/SIGTERM arrives during step `stop` (0-based)
+    import flowlab.train.interrupt as interrupt
+    from flowlab.recipes.flow_matching.recipe import FlowMatchingRecipe
+
+    real_handle = interrupt.StopSignals._handle
+
+    def _handle(self, signum, frame):
+        received.append(signum)
+        real_handle(self, signum, frame)
+
+    interrupt.StopSignals._handle = _handle
+
+    real_step = FlowMatchingRecipe.training_step
+
+    def training_step(self, model, batch, ctx):
+        if ctx.step == stop and ctx.micro == 0:
+            wait_for_signal()
+        return real_step(self, model, batch, ctx)
+
+    FlowMatchingRecipe.training_step = training_step
+elif mode == "training_step":  # in the middle of training, checkpoints behind us
+    from flowlab.recipes.flow_matching.recipe import FlowMatchingRecipe
 
     real_step = FlowMatchingRecipe.training_step
 
@@ -209,6 +241,72 @@ def test_sigkill_then_resume_is_exact(tmp_path, reference, capsys, mode, stop, r
     assert _leftovers(out) == []  # the half-written folder was replaced or pruned
     for _, p in list_checkpoints(out / "checkpoints"):
         verify_checkpoint(p)
+
+
+# --------------------------------------------------------------------------- SIGINT / SIGTERM
+
+
+@pytest.mark.parametrize(
+    "signame,stop,code",
+    [
+        ("SIGINT", 13, 130),  # after the first log line and checkpoint (step 10)
+        ("SIGTERM", 5, 143),  # before anything was logged or saved
+    ],
+)
+def test_signal_saves_a_checkpoint_and_resume_is_exact(tmp_path, reference, capsys, signame, stop, code):
+    """Ctrl-C / preemption during step ``stop``: the run finishes that step, saves checkpoint-(stop+1),
+    exits with 128 + signal and a one-line message; ``train.resume=latest`` then ends exactly where an
+    uninterrupted run does, and metrics.jsonl has no repeated line."""
+    out = tmp_path / "run"
+    args = _args(out)
+    driver, marker, log_path = tmp_path / "driver.py", tmp_path / "at-signal", tmp_path / "signal.log"
+    driver.write_text(DRIVER)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(driver), ROOT, "signal", str(marker), str(stop), *args],
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 600  # a safety net for a hung test, not a measurement
+            while not marker.exists():
+                if proc.poll() is not None:
+                    pytest.fail(f"the run ended (rc {proc.returncode}) before step {stop}:\n" + log_path.read_text()[-3000:])
+                assert time.monotonic() < deadline, "driver never reached the signal point"
+                time.sleep(0.05)
+            assert int(marker.read_text()) == proc.pid
+            os.kill(proc.pid, getattr(signal, signame))
+            rc = proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = log_path.read_text()
+    assert rc == code, text[-3000:]
+    done = stop + 1
+    assert f"flowlab: stopped by {signame} after step {done} of 40; saved {out / 'checkpoints' / f'checkpoint-{done}'}" in text
+    assert "train.resume=latest" in text and "Traceback" not in text
+    assert _steps(out) == [s for s in (10, done) if s <= done] and _leftovers(out) == []
+    assert verify_checkpoint(out / "checkpoints" / f"checkpoint-{done}")["step"] == done
+    assert not (out / "pipeline").exists()
+    logged = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] if (out / "metrics.jsonl").exists() else []
+    assert logged == [s for s in (10, 20, 30, 40) if s <= done]
+
+    capsys.readouterr()
+    assert train_main([*args, "train.resume=latest"]) == 0
+    assert f"checkpoint-{done} at step {done}" in capsys.readouterr().out
+    _assert_same_as_reference(out, reference)  # weights bit for bit; metrics lines [10, 20, 30, 40], no repeats
+    assert _steps(out) == [20, 30, 40]
+
+
+def test_resume_latest_without_checkpoint_restarts_metrics(tmp_path, capsys):
+    """A run stopped (by SIGKILL) before its first checkpoint: ``train.resume=latest`` starts from step 0,
+    and the lines the stopped run logged are not repeated."""
+    out = tmp_path / "run"
+    args = tiny_overrides(str(out), "train.max_steps=20", "train.checkpoint_every=0")
+    assert train_main(args) == 0
+    shutil.rmtree(out / "checkpoints")  # as if killed after logging, before any checkpoint
+    (out / "checkpoints").mkdir()
+    assert train_main([*args, "train.resume=latest"]) == 0
+    assert "has no valid checkpoint; starting from step 0" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [10, 20]
 
 
 # --------------------------------------------------------------------------- damaged checkpoints
@@ -349,12 +447,12 @@ def test_full_disk_during_final_save(tmp_path, reference, full_disk, monkeypatch
 
 def test_full_disk_while_logging_metrics(tmp_path, monkeypatch, capsys):
     """Any other OSError during a run (here: appending to metrics.jsonl) is a clean error too."""
-    import flowlab.train.trainer as trainer_mod
+    from flowlab.train.run_folder import RunFolder
 
     def no_space(self, record):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.output_dir / "metrics.jsonl"))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.metrics_path))
 
-    monkeypatch.setattr(trainer_mod.Trainer, "_write_metrics", no_space)
+    monkeypatch.setattr(RunFolder, "append_metrics", no_space)
     out = tmp_path / "run"
     assert train_main(_args(out)) == 2
     msg = _one_paragraph_error(capsys.readouterr().err)
@@ -427,3 +525,70 @@ def test_sigkill_of_a_two_process_run_during_a_checkpoint_write(tmp_path, refere
     steps = [_json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
     assert steps == [10, 20, 30, 40]
     assert _steps(out) == [20, 30, 40] and _leftovers(out) == []
+
+
+def test_stop_signals_record_once_and_abort_on_a_repeat():
+    """The first signal is recorded (the run saves and stops at the next step); the launcher's SIGTERM
+    after a terminal's SIGINT changes nothing; the same signal twice interrupts at once; the previous
+    handlers come back."""
+    from flowlab.train.interrupt import StopSignals
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with StopSignals() as s:
+        assert s.received == 0
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert s.received == signal.SIGINT
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert s.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_two_process_launch_saves_and_resumes(tmp_path, reference):
+    """SIGTERM to ``accelerate launch`` (as a scheduler preempting a job): the launcher forwards it to
+    both gloo workers, which agree, save checkpoint-(stop+1) together and exit; a 2-process resume
+    ends where the uninterrupted 1-process run does (up to round-off between process counts)."""
+    import socket
+
+    from conftest import launch_two_cpu_processes
+
+    out, stop = tmp_path / "run", 13
+    args = _args(out)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    driver, marker, log_path = tmp_path / "driver.py", tmp_path / "at-signal", tmp_path / "signal.log"
+    driver.write_text(DRIVER)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([*launcher, str(driver), ROOT, "signal", str(marker), str(stop), *args], cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+        try:
+            deadline = time.monotonic() + 600
+            while not marker.exists():
+                if proc.poll() is not None:
+                    pytest.fail(f"the run ended (rc {proc.returncode}) before step {stop}:\n" + log_path.read_text()[-3000:])
+                assert time.monotonic() < deadline, "driver never reached the signal point"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=600) != 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = log_path.read_text()
+    assert "2 process(es) [MULTI_CPU]" in text, text[-3000:]
+    assert f"stopped by SIGTERM after step {stop + 1} of 40" in text, text[-3000:]
+    assert _steps(out) == [10, stop + 1] and _leftovers(out) == []
+    log = launch_two_cpu_processes(*args, "train.resume=latest")
+    assert f"checkpoint-{stop + 1} at step {stop + 1}" in log
+    ref, got = _weights(reference), _weights(out)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4)
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [10, 20, 30, 40]

@@ -621,7 +621,7 @@ def test_connection_errors_are_retried(trained, hub_client):
 
 def test_failed_push_after_training_keeps_the_run_and_says_how_to_retry(trained, hub_client, monkeypatch, capsys):
     from flowlab.cli import EXIT_PUSH_FAILED, _push_after_training
-    from flowlab.train import load_config
+    from flowlab.recipes import load_config
 
     out, _, _ = trained
     before = _tree_digest(out)
@@ -733,8 +733,7 @@ def _fake_run(root: Path, recipe: str, artefact: str, files: dict[str, bytes], e
 
 def _recipe_card_data(config: str, *overrides: str) -> dict:
     from flowlab.hub import REPO_ID
-    from flowlab.train import load_config
-    from flowlab.train.recipe import get_recipe
+    from flowlab.recipes import get_recipe, load_config
 
     return get_recipe(load_config(f"configs/{config}.yaml", list(overrides))).card_data(REPO_ID)
 

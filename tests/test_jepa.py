@@ -15,7 +15,8 @@ from flowlab.data.reversal import ReversalSpec, generate_reversal_data
 from flowlab.jepa import JEPAConceptModel, JEPAConfig, ReversalGPT2, ReversalGPT2Config, ranking_metrics
 from flowlab.jepa.metrics import gold_ranks
 from flowlab.jepa.recipe import build_reversal_data, evaluate_reversal, load_reversal_model
-from flowlab.train import ConfigError, load_config
+from flowlab.errors import ConfigError
+from flowlab.recipes import load_config
 
 SMALL = dict(num_entities_a=60, num_entities_b=40, num_relations=3, names_share=5)
 TINY_RUN = ["reversal.num_entities_a=60", "reversal.num_entities_b=40", "reversal.num_relations=3", "reversal.names_share=5",
@@ -184,6 +185,58 @@ def test_answer_ranks_all_entities():
         m.answer(d.num_entities, r)
 
 
+def test_entity_concepts_cache_is_reused_and_invalidated_by_parameter_updates():
+    """answer() reuses the entity concepts between queries, and any weight change recomputes them."""
+    d = _data()
+    m = _jepa(d).eval()
+    fresh = lambda: m.entity_concepts().detach()  # noqa: E731  (uncached, with autograd on)
+    h, r = 5, 1
+    first = m.answer(h, r, top_k=None)
+    with torch.no_grad():
+        cached = m.all_entity_concepts()
+        assert m.all_entity_concepts() is cached  # a cache hit: same tensor, no recomputation
+    assert torch.equal(cached, fresh())
+    assert m.answer(h, r, top_k=None) == first
+
+    # an optimiser step (in-place update of the parameters) invalidates it
+    m.train()
+    train = d.facts_tensor("train")
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    m(train[:, 0], train[:, 1], train[:, 2]).loss.backward()
+    opt.step()
+    m.eval()
+    with torch.no_grad():
+        after_step = m.all_entity_concepts()
+    assert after_step is not cached and not torch.equal(after_step, cached)
+    assert torch.equal(after_step, fresh())
+    assert m.answer(h, r, top_k=None) != first
+
+    # in eval mode, without any train()/eval() call: no_grad in-place updates and load_state_dict
+    with torch.no_grad():
+        m.answer(h, r)
+        m.token_embed.weight.mul_(0.5)
+        assert torch.equal(m.all_entity_concepts(), fresh())
+        m.load_state_dict(_jepa(d).state_dict())
+        assert torch.equal(m.all_entity_concepts(), fresh())
+    assert m.answer(h, r, top_k=None) == first  # the original weights are back: the original answers
+
+    # writes that bypass the version counter (p.data, as EMA weight swaps do) are caught too
+    with torch.no_grad():
+        m.all_entity_concepts()
+    m.token_embed.weight.data.mul_(2.0)
+    with torch.no_grad():
+        assert torch.equal(m.all_entity_concepts(), fresh())
+    # so is an EMA copy kept in eval mode whose weights are swapped in through .data (the trainer's evaluation)
+    ema = _jepa(d).eval()
+    before = ema.answer(h, r, top_k=None)
+    for dst, src in zip(ema.parameters(), m.parameters()):
+        dst.data.copy_(src.data)
+    assert ema.answer(h, r, top_k=None) == m.answer(h, r, top_k=None) != before
+    # in training mode the concepts are never cached and carry gradients
+    m.train()
+    assert m.all_entity_concepts().requires_grad
+
+
 def test_a_trained_jepa_answers_its_facts():
     """Behaviour, not just shapes: a few hundred steps on 100 entities learn the trained facts."""
     d = _data()
@@ -211,7 +264,7 @@ def test_reversal_config_errors_name_the_key(tmp_path):
         load_config(None, ["recipe=reversal_jepa", "reversal.negatives=some"])
     with pytest.raises(ConfigError, match="reversal.data_dir"):
         build_reversal_data(load_config(None, ["recipe=reversal_ar", f"reversal.data_dir={tmp_path / 'none'}"]))
-    from flowlab.train.recipe import get_recipe
+    from flowlab.recipes import get_recipe
 
     cfg = load_config(None, ["recipe=reversal_ar", "reversal.hidden_size=30", "reversal.num_heads=4", *TINY_RUN[:4]])
     recipe = get_recipe(cfg)
@@ -251,7 +304,7 @@ def _assert_same_run(full, part, step):
 def test_cli_training_resumes_exactly(tmp_path):
     """A JEPA + memory run through ``train.py`` resumed from a mid-run checkpoint ends exactly where the
     uninterrupted run does (weights and logged numbers); its artefact answers by name on its own."""
-    from flowlab.train import Trainer
+    from flowlab.recipes import Trainer
 
     args = [*TINY_RUN, "train.checkpoint_every=3", "train.log_every=3", "train.max_steps=6", "eval.every=3"]
     full, part = tmp_path / "full", tmp_path / "part"
@@ -285,9 +338,45 @@ def test_cli_training_resumes_exactly(tmp_path):
     assert res["jepa_memory"]["reverse"] == pytest.approx(final["eval/reverse"])
 
 
+def test_gpt2_tied_head_is_listed_once_and_loads_either_way():
+    """The tied LM head is one tensor: state dicts list it once (no shared tensors for accelerate's safetensors
+    checkpoints to drop), and both forms of state dict load back into a model whose head is still tied."""
+    from accelerate.utils.other import clean_state_dict_for_safetensors
+
+    d = _data()
+    m = _gpt2(d)
+    assert m.lm_head.weight is m.transformer.wte.weight
+    sd = m.state_dict()
+    assert "lm_head.weight" not in sd and "transformer.wte.weight" in sd
+    assert set(clean_state_dict_for_safetensors(dict(sd))) == set(sd)  # nothing shared left to remove
+    with_alias = {**sd, "lm_head.weight": sd["transformer.wte.weight"]}
+    for state in (sd, with_alias):
+        m2 = _gpt2(d)
+        with torch.no_grad():
+            m2.transformer.wte.weight.zero_()
+        m2.load_state_dict(state)  # strict
+        assert m2.lm_head.weight is m2.transformer.wte.weight
+        assert torch.equal(m2.lm_head.weight, m.lm_head.weight)
+    # untied models keep both names
+    untied = _gpt2(d, tie_word_embeddings=False)
+    assert {"lm_head.weight", "transformer.wte.weight"} <= set(untied.state_dict())
+    assert m.loss_type == "ForCausalLM"
+
+
+def test_reversal_ar_run_prints_no_transformers_warnings(tmp_path):
+    """``train.py`` on reversal_ar (train, checkpoint, save, reload) logs neither transformers' unrecognised
+    ``loss_type`` nor accelerate's "Removed shared tensor"."""
+    log = run_checked([sys.executable, "train.py", "--config", "configs/reversal_ar.yaml", *TINY_RUN,
+                       "train.max_steps=2", "train.checkpoint_every=2", f"output_dir={tmp_path / 'run'}"])
+    assert "saved" in log
+    assert "loss_type" not in log and "shared tensor" not in log, log[-2000:]
+    model = load_reversal_model(tmp_path / "run" / "model")
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
 @pytest.mark.parametrize("config", ["reversal_ar", "reversal_jepa"])
 def test_resume_is_exact(tmp_path, config):
-    from flowlab.train import Trainer
+    from flowlab.recipes import Trainer
 
     args = [*TINY_RUN, "train.checkpoint_every=2", "train.max_steps=4"]
     full, part = tmp_path / "full", tmp_path / "part"
@@ -316,7 +405,7 @@ def test_two_processes_match_one(tmp_path):
 
 @pytest.mark.parametrize("memory", [False, True])
 def test_concept_parameters_get_their_own_learning_rate(memory):
-    from flowlab.train.recipe import get_recipe
+    from flowlab.recipes import get_recipe
 
     cfg = load_config(None, ["recipe=reversal_jepa", *TINY_RUN, f"reversal.memory={str(memory).lower()}", "train.lr=2e-3",
                              "reversal.concept_lr_scale=10"])
@@ -336,8 +425,8 @@ def test_concept_parameters_get_their_own_learning_rate(memory):
 
 @pytest.mark.parametrize("config, cls", [("reversal_jepa", "JEPAConceptModel"), ("reversal_ar", "ReversalGPT2")])
 def test_card_data_names_the_flowlab_class(config, cls):
-    from flowlab.train import load_config
-    from flowlab.train.recipe import get_recipe
+    from flowlab.recipes import load_config
+    from flowlab.recipes import get_recipe
 
     card = get_recipe(load_config(f"configs/{config}.yaml")).card_data("me/rev")
     assert f"from flowlab.jepa import {cls}" in card["usage"] and f'{cls}.from_pretrained("me/rev")' in card["usage"]

@@ -1,4 +1,4 @@
-"""Tests for flowlab.metrics.digits (Fréchet distance, digits classifier, evaluator) and the
+"""Tests for flowlab.metrics (Fréchet distance, digits classifier, evaluator) and the
 eval/digits.py CLI. The classifier is trained once per session into a temporary cache."""
 from __future__ import annotations
 
@@ -14,10 +14,27 @@ import pytest
 import torch
 
 from flowlab.data.digits import load_digits_arrays, to_unit_range
+from flowlab.metrics import classifier as C
 from flowlab.metrics import digits as D
 from flowlab.metrics.digits import DigitsEvaluator, fd_from_features, frechet_distance
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- module layout
+
+
+def test_public_names_importable_from_package_and_old_path():
+    import flowlab.metrics as M
+    from flowlab.metrics import frechet as Fr
+
+    for name in ("frechet_distance", "fd_from_features", "feature_stats"):
+        assert getattr(M, name) is getattr(Fr, name) is getattr(D, name)
+    for name in ("DigitsClassifier", "CLASSIFIER_RECIPE", "CLASSIFIER_VERSION", "load_classifier"):
+        assert getattr(M, name) is getattr(C, name) is getattr(D, name)
+    for name in ("train_classifier", "classifier_path", "default_cache_dir", "classifier_accuracy", "FEATURE_DIM"):
+        assert getattr(D, name) is getattr(C, name)
+    assert M.DigitsEvaluator is D.DigitsEvaluator and M.prepare_images is D.prepare_images
 
 
 # --------------------------------------------------------------------------- Fréchet distance
@@ -134,12 +151,12 @@ def test_corrupt_cache_is_retrained(tmp_path, evaluator):
         calls.append(1)
         return evaluator.model, {"test_accuracy": 1.0, "train_seconds": 0.0}
 
-    orig = D.train_classifier
-    D.train_classifier = fake_train
+    orig = C.train_classifier
+    C.train_classifier = fake_train
     try:
         model, info = D.load_classifier(tmp_path)
     finally:
-        D.train_classifier = orig
+        C.train_classifier = orig
     assert calls and info["from_cache"] is False
     model2, info2 = D.load_classifier(tmp_path)
     assert info2["from_cache"] is True
@@ -271,12 +288,13 @@ def test_cli_pipeline_sampling_with_fake_pipeline(evaluator):
 
 
 def test_cli_script_subprocess(cache_dir, tmp_path):
-    """The script runs as ``python eval/digits.py`` without PYTHONPATH (falls back to src/)."""
+    """The script runs as ``python eval/digits.py`` from any folder, importing the installed package
+    (here this checkout's ``src/``, as ``pip install -e .`` would make it importable); it never edits sys.path."""
     import subprocess
     import sys
 
     out = tmp_path / "r.json"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.run(
         [sys.executable, str(REPO / "eval" / "digits.py"), "--real-test", "--quiet", "--cache-dir", str(cache_dir), "--json", str(out)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,

@@ -292,6 +292,21 @@ def test_bad_rl_config_is_a_clear_error(tiny_base, tmp_path, capsys):
     assert "nft.loss" in capsys.readouterr().err
 
 
+def test_missing_base_is_trained_first_by_the_command_line(tmp_path, capsys):
+    """rl.base names a folder that does not exist: train.py trains rl.base_config into it, then fine-tunes
+    (the recipes layer does this; the engine never builds a nested Trainer)."""
+    base_cfg = tmp_path / "base.yaml"
+    base_cfg.write_text(
+        "recipe: flow_matching\ndata: {name: digits}\nmodel: {type: mlp, hidden_dim: 16, depth: 1, time_embed_dim: 8}\n"
+        "train: {max_steps: 2, report_to: none, checkpoint_every: 0, warmup_steps: 0}\nsample: {every: 0, num_images: 4}\n"
+        "eval: {enabled: false}\n"
+    )
+    base = tmp_path / "base_run" / "pipeline"
+    train(*_rl_args("nft", tmp_path / "rl", base, f"rl.base_config={base_cfg}", "train.max_steps=1", "eval.enabled=false"))
+    assert (base / "velocity_model").is_dir() and (tmp_path / "rl" / "pipeline").is_dir()
+    assert f"training it (recipe flow_matching)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("recipe", ["nft", pytest.param("flowgrpo", marks=pytest.mark.slow)])
 def test_two_processes_match_one(recipe, tiny_base, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
@@ -349,8 +364,8 @@ def test_two_process_run_resumes_exactly(tiny_base, tmp_path):
 
 
 def test_card_data_for_the_hub():
-    from flowlab.train import load_config
-    from flowlab.train.recipe import get_recipe
+    from flowlab.recipes import load_config
+    from flowlab.recipes import get_recipe
 
     digits = get_recipe(load_config("configs/nft_digits.yaml")).card_data("me/nft-digits")
     assert 'FlowPipeline.from_pretrained("me/nft-digits")' in digits["usage"] and "class_labels" not in digits["usage"]

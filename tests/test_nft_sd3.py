@@ -19,7 +19,8 @@ from helpers_sd3 import write_tiny_sd3  # noqa: E402
 
 from flowlab.nft.policy import LoraSpec  # noqa: E402
 from flowlab.nft.sd3 import SD3Policy  # noqa: E402
-from flowlab.train.config import ConfigError, load_config  # noqa: E402
+from flowlab.errors import ConfigError
+from flowlab.recipes import load_config  # noqa: E402
 
 RES = 32
 PROMPTS = ["a photo of the cat", "an apple on the table"]

@@ -9,8 +9,10 @@ import torch
 from conftest import tiny_overrides
 from flowlab.noprop import DiscreteCosineSchedule, GammaPath, MonotoneGamma, NoPropClassifier, gaussian_kl_to_standard, noisy_label
 from flowlab.noprop.memory import SavedActivationMeter
-from flowlab.train import ConfigError, load_config
-from flowlab.train.recipe import StepContext, get_recipe
+from flowlab.errors import ConfigError
+from flowlab.recipes import load_config
+from flowlab.recipes import get_recipe
+from flowlab.train.recipe import StepContext
 
 TINY = ["noprop.hidden_dim=16", "noprop.channels=[4,8]", "noprop.time_embed_dim=8", "noprop.dropout=0.0"]
 
@@ -237,6 +239,34 @@ def test_meter_counts_exactly_and_frees():
 # --------------------------------------------------------------------------- model API
 
 
+@pytest.mark.parametrize("variant", ["dt", "backprop"])
+def test_fixed_recursion_variants_refuse_ode_options(variant):
+    """DT / back-prop have no ODE to integrate: steps= and solver= are refused by name, not ignored."""
+    torch.manual_seed(0)
+    model = NoPropClassifier(variant=variant, num_blocks=3, hidden_dim=16, channels=(4, 8), time_embed_dim=8, dropout=0.0).eval()
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    with pytest.raises(ValueError, match=rf"steps=5: the NoProp variant '{variant}' .*'ct' and 'fm' variants only"):
+        model.predict(x, steps=5)
+    with pytest.raises(ValueError, match=rf"solver='heun': the NoProp variant '{variant}'"):
+        model.predict_proba(x, solver="heun")
+    with pytest.raises(ValueError, match=r"steps=2, solver='euler'"):
+        model.class_logits(x, steps=2, solver="euler")
+    assert model.predict(x).shape == (4,)  # without them it classifies as before
+
+
+def test_ode_variants_use_steps_and_solver():
+    """CT / FM take steps= and solver=, and they change the integration (so they are not ignored either)."""
+    torch.manual_seed(0)
+    model = NoPropClassifier(variant="fm", hidden_dim=16, channels=(4, 8), time_embed_dim=8, embedding="learned",
+                             inference_steps=3, dropout=0.0).eval()
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    base = model.class_logits(x)
+    torch.testing.assert_close(model.class_logits(x, steps=3, solver=model.config.solver), base)
+    assert not torch.allclose(model.class_logits(x, steps=1), base)
+    other = "midpoint" if model.config.solver != "midpoint" else "euler"
+    assert not torch.allclose(model.class_logits(x, solver=other), base)
+
+
 @pytest.mark.parametrize("variant", ["dt", "ct", "fm", "backprop"])
 def test_classifier_save_load_round_trip(tmp_path, variant):
     torch.manual_seed(0)
@@ -272,7 +302,7 @@ def test_flowlab_backbone_option(tmp_path):
 
 @pytest.mark.parametrize("variant", ["dt", "ct", "fm", "backprop"])
 def test_tiny_training_through_the_trainer(tmp_path, variant):
-    from flowlab.train import Trainer
+    from flowlab.recipes import Trainer
 
     cfg = _cfg(tmp_path, f"noprop.variant={variant}", "noprop.num_blocks=3", "train.max_steps=6", "train.checkpoint_every=3",
                "eval.enabled=true", "noprop.inference_steps=2", "noprop.eval_steps=[1]", "noprop.eval_max_examples=40")
@@ -296,7 +326,7 @@ def test_tiny_training_through_the_trainer(tmp_path, variant):
 
 
 def test_dt_resume_is_exact(tmp_path):
-    from flowlab.train import Trainer
+    from flowlab.recipes import Trainer
     from safetensors.torch import load_file
 
     import shutil

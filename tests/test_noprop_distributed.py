@@ -23,8 +23,8 @@ def test_two_processes_train_disjoint_blocks_and_match_one(tmp_path):
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4, msg=k)
     # and blocks 2, 3 (trained by process 1 only) really were trained: they moved from their initialisation
-    from flowlab.train import load_config
-    from flowlab.train.recipe import get_recipe
+    from flowlab.recipes import load_config
+    from flowlab.recipes import get_recipe
 
     cfg = load_config(None, tiny_overrides(tmp_path / "x", *EXTRA))
     r = get_recipe(cfg)

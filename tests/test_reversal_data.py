@@ -5,18 +5,21 @@ from collections import Counter
 import pytest
 
 from flowlab.data import DataError
+from flowlab.data import reversal, reversal_text
 from flowlab.data.reversal import (
     Fact,
     ReversalSpec,
-    build_word_level_tokenizer,
     generate_reversal_data,
-    generate_text_reversal,
     read_jsonl,
     read_reversal_data,
-    text_facts_from_records,
-    text_facts_to_records,
     write_jsonl,
     write_reversal_data,
+)
+from flowlab.data.reversal_text import (
+    build_word_level_tokenizer,
+    generate_text_reversal,
+    text_facts_from_records,
+    text_facts_to_records,
 )
 
 SMALL = dict(num_entities_a=120, num_entities_b=80, num_relations=4, names_share=5)
@@ -137,6 +140,11 @@ def test_validation_names_the_key(bad, key):
 
 
 # --------------------------------------------------------------------------- text variant
+
+
+def test_text_variant_names_importable_from_old_path():
+    for name in reversal_text.__all__:
+        assert getattr(reversal, name) is getattr(reversal_text, name)
 
 
 def test_text_variant_splits_and_held_out_templates():

@@ -72,7 +72,7 @@ class ScriptedServer(LocalHTTPServer):
 
 
 def _client(url, **options):
-    return build_reward({"name": "http", "url": url, "timeout": 1.0, "retries": 3, "backoff": 0.05, "backoff_max": 0.2, **options}, key="nft.rewards[0]")
+    return build_reward({"name": "http", "url": url, "timeout": 1.0, "retries": 3, "backoff": 0.05, "backoff_max": 0.2, **options}, key="rl.rewards[0]")
 
 
 IMAGES = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))

@@ -26,7 +26,7 @@ from flowlab.rewards import (
     register_reward,
 )
 from flowlab.rewards.combined import zscore
-from flowlab.train.config import ConfigError
+from flowlab.errors import ConfigError
 
 
 def _uint8(images: torch.Tensor) -> np.ndarray:
@@ -108,7 +108,7 @@ def test_jpeg_matches_pil_and_orders_flat_above_noise():
 def test_digits_reward_on_real_digits():
     x, y = load_digits_arrays("test")
     images, y = to_unit_range(torch.from_numpy(x)), torch.from_numpy(y)
-    r = build_reward({"name": "digits_classifier", "target": 3}, key="nft.rewards[0]")
+    r = build_reward({"name": "digits_classifier", "target": 3}, key="rl.rewards[0]")
     p = r(images)
     assert ((p >= 0) & (p <= 1)).all()
     assert p[y == 3].mean() > 0.9
@@ -120,8 +120,8 @@ def test_digits_reward_on_real_digits():
         r(torch.rand(2, 1, 8, 12))
     logp = build_reward({"name": "digits_classifier", "target": 3, "log_prob": True})(images[:10])
     torch.testing.assert_close(logp.exp(), p[:10], atol=1e-6, rtol=1e-5)
-    with pytest.raises(ConfigError, match=r"nft\.rewards\[0\]\.target: must be a digit"):
-        build_reward({"name": "digits_classifier", "target": 10}, key="nft.rewards[0]")
+    with pytest.raises(ConfigError, match=r"rl\.rewards\[0\]\.target: must be a digit"):
+        build_reward({"name": "digits_classifier", "target": 10}, key="rl.rewards[0]")
 
 
 # --------------------------------------------------------------------------- config errors
@@ -149,16 +149,16 @@ def test_build_reward_errors_name_key_and_field(spec, pattern):
 
 
 def test_build_rewards_one_or_many():
-    one = build_rewards([{"name": "jpeg_compressibility", "weight": 5.0}], key="nft.rewards")
+    one = build_rewards([{"name": "jpeg_compressibility", "weight": 5.0}], key="rl.rewards")
     assert one.name == "jpeg_compressibility" and not isinstance(one, CombinedReward)
-    many = build_rewards([{"name": "jpeg_compressibility"}, {"name": "jpeg_incompressibility", "weight": 0.5}], key="nft.rewards")
+    many = build_rewards([{"name": "jpeg_compressibility"}, {"name": "jpeg_incompressibility", "weight": 0.5}], key="rl.rewards")
     assert isinstance(many, CombinedReward) and many.weights == [1.0, 0.5]
-    with pytest.raises(ConfigError, match=r"nft\.rewards: at least one"):
-        build_rewards([], key="nft.rewards")
-    with pytest.raises(ConfigError, match=r"nft\.rewards\[1\]\.weight: expected a number"):
-        build_rewards([{"name": "jpeg_compressibility"}, {"name": "jpeg_compressibility", "weight": "heavy"}], key="nft.rewards")
-    with pytest.raises(ConfigError, match=r"nft\.rewards\[1\]\.name"):
-        build_rewards([{"name": "jpeg_compressibility"}, {"name": "nope"}], key="nft.rewards")
+    with pytest.raises(ConfigError, match=r"rl\.rewards: at least one"):
+        build_rewards([], key="rl.rewards")
+    with pytest.raises(ConfigError, match=r"rl\.rewards\[1\]\.weight: expected a number"):
+        build_rewards([{"name": "jpeg_compressibility"}, {"name": "jpeg_compressibility", "weight": "heavy"}], key="rl.rewards")
+    with pytest.raises(ConfigError, match=r"rl\.rewards\[1\]\.name"):
+        build_rewards([{"name": "jpeg_compressibility"}, {"name": "nope"}], key="rl.rewards")
 
 
 def test_register_reward_decorator_and_options():
@@ -359,7 +359,7 @@ def test_clip_score_and_pickscore_equal_hand_computation(tiny_clip):
     cos = (img * txt).sum(-1)
     scale = model.logit_scale.exp().item()
     assert scale == pytest.approx(50.0)
-    clip = build_reward({"name": "clip_score", "model": str(tiny_clip), "batch_size": 3}, key="nft.rewards[0]")
+    clip = build_reward({"name": "clip_score", "model": str(tiny_clip), "batch_size": 3}, key="rl.rewards[0]")
     torch.testing.assert_close(clip(images, prompts), (scale * cos / 100).float(), atol=1e-5, rtol=1e-5)
     pick = build_reward({"name": "pickscore", "model": str(tiny_clip)})  # processor: the model's folder
     torch.testing.assert_close(pick(images, prompts), (scale * cos / 26).float(), atol=1e-5, rtol=1e-5)

@@ -57,6 +57,13 @@ def _is_const(node, value) -> bool:
     return isinstance(node, ast.Constant) and node.value is value
 
 
+# The one module allowed to import pickle: the FlowGRPO reward servers (GenEval) answer in pickle, and
+# this module reads those answers with an Unpickler whose find_class admits only plain data and numpy
+# arrays (no callable can be named, so nothing runs); tests/test_rewards_servers.py checks that a
+# payload calling os.system is refused before it runs.
+PICKLE_ALLOWED = {os.path.join("src", "flowlab", "rewards", "restricted_pickle.py")}
+
+
 def _problems(path: str) -> list[str]:
     with open(path, encoding="utf-8") as f:
         tree = ast.parse(f.read(), filename=path)
@@ -68,6 +75,8 @@ def _problems(path: str) -> list[str]:
             names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
             for n in names:
                 if n.split(".")[0] in ("pickle", "cPickle", "dill", "marshal", "shelve", "joblib"):
+                    if n == "pickle" and rel in PICKLE_ALLOWED:
+                        continue
                     out.append(f"{where}: imports {n}")
         if not isinstance(node, ast.Call):
             continue
@@ -202,8 +211,8 @@ MODEL_CASES = {
 @pytest.mark.parametrize("case", sorted(MODEL_CASES))
 def test_final_artefact_of_each_model_type_is_safetensors(case, tmp_path):
     """What each recipe's ``save_final`` writes (``save_pretrained`` of a FlowPipeline or a classifier)."""
-    from flowlab.train import load_config
-    from flowlab.train.recipe import get_recipe
+    from flowlab.recipes import load_config
+    from flowlab.recipes import get_recipe
 
     config, overrides = MODEL_CASES[case]
     cfg = load_config(os.path.join(ROOT, config) if config else None, [f"output_dir={tmp_path}", "data.name=digits", *overrides])

@@ -7,9 +7,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides
-from flowlab.train import ConfigError, Trainer, TrainingError, load_config
+from flowlab.errors import ConfigError, TrainingError
+from flowlab.recipes import Trainer, load_config
 from flowlab.train.checkpoint import find_resume_checkpoint, list_checkpoints
-from flowlab.train.flow_matching import FlowMatchingRecipe
+from flowlab.recipes.flow_matching.recipe import FlowMatchingRecipe
 
 
 def _train(out, *extra, recipe_cls=FlowMatchingRecipe):
@@ -184,3 +185,86 @@ def test_resume_between_log_steps_logs_the_same_numbers(tmp_path):
     run(tmp_path / "cut", "train.resume=latest")
     assert [r["step"] for r in records(tmp_path / "full")] == [4, 8, 12]
     assert records(tmp_path / "full") == records(tmp_path / "cut")
+
+
+class _FrozenConditioning(FlowMatchingRecipe):
+    """Trains everything but the time/label conditioning MLP (frozen parameters, like an RL recipe's old/ref copies)."""
+
+    def build_model(self, dataset):
+        model = super().build_model(dataset)
+        for name, p in model.named_parameters():
+            if name.startswith("cond."):
+                p.requires_grad_(False)
+        return model
+
+
+def test_banner_counts_trainable_and_frozen_parameters_separately(tmp_path, capsys):
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", "train.max_steps=2", "train.checkpoint_every=0"))
+    trainer = Trainer(cfg, _FrozenConditioning(cfg))
+    trainer.train()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert frozen == 512 + 32 + 1024 + 32 and trainable > 10_000
+    assert f"MLPVelocity {trainable / 1e6:.2f}M trainable + {frozen} frozen params" in capsys.readouterr().out
+    # EMA follows the trained parameters only; the saved model keeps the frozen ones as they are
+    assert len(trainer.ema.shadow_params) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_banner_without_frozen_parameters(tmp_path, capsys):
+    _train(str(tmp_path / "run"), "train.max_steps=2", "train.checkpoint_every=0", "model.hidden_dim=64")
+    out = capsys.readouterr().out
+    assert " trainable params |" in out and "frozen params" not in out
+
+
+def test_recipe_needs_training_step_or_training_losses():
+    """One path: the trainer calls training_losses, whose default is training_step's one loss."""
+    from flowlab.train.recipe import Recipe, StepOutput
+
+    class Neither(Recipe):
+        build_dataset = build_model = lambda *a: None
+
+    with pytest.raises(TypeError, match="Neither defines neither training_step .* nor training_losses"):
+        Neither(load_config(None, []))
+
+    class OneLoss(Neither):
+        def training_step(self, model, batch, ctx):
+            return StepOutput(loss=torch.tensor(2.0))
+
+    parts = list(OneLoss(load_config(None, [])).training_losses(None, {}, None))
+    assert [float(p.loss) for p in parts] == [2.0]
+
+
+def test_rl_recipe_and_policy_bases_are_abstract():
+    from flowlab.nft.policy import Policy
+    from flowlab.nft.recipe import RLRecipe
+
+    assert RLRecipe.__abstractmethods__ == {"rollout", "method_losses"}
+    with pytest.raises(TypeError, match="abstract"):
+        Policy()
+    assert {"_velocity", "encode", "decode", "save", "network", "path", "sample_shape"} <= Policy.__abstractmethods__
+
+
+def test_trim_metrics_keeps_what_a_checkpoint_covers(tmp_path):
+    """Records up to the checkpoint's step stay; a skipped-step record carries its 0-based step, so the
+    one with the checkpoint's own step was written after it and goes; a line cut by a kill goes."""
+    from flowlab.train.run_folder import RunFolder
+
+    run = RunFolder(tmp_path, is_main_process=True)
+    lines = [{"step": 5, "nonfinite_loss": True}, {"step": 10, "loss": 1.0}, {"step": 10, "eval/fd": 3.0},
+             {"step": 10, "nonfinite_loss": True}, {"step": 20, "loss": 0.5}]
+    run.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 2')
+    run.trim_metrics(10)
+    assert [json.loads(line) for line in run.metrics_path.read_text().splitlines()] == lines[:3]
+
+
+def test_accelerate_lomo_probe_is_cached_with_the_same_answer(tmp_path):
+    """AcceleratedOptimizer.step asks is_lomo_available() twice per step; the trainer caches it."""
+    import accelerate.optimizer
+    from accelerate.utils import is_lomo_available
+
+    Trainer(load_config(None, tiny_overrides(tmp_path / "x")))
+    probe = accelerate.optimizer.is_lomo_available
+    assert probe.cache_info is not None and probe() == is_lomo_available()
+    Trainer(load_config(None, tiny_overrides(tmp_path / "y")))  # a second trainer does not wrap it twice
+    assert accelerate.optimizer.is_lomo_available is probe

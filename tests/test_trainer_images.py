@@ -7,7 +7,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides
-from flowlab.train import Trainer, load_config
+from flowlab.recipes import Trainer, load_config
 
 
 def _folder(root):

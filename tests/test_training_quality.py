@@ -15,8 +15,8 @@ import torch
 from flowlab.data import sample_toy2d
 from flowlab.metrics.vectors import sliced_wasserstein
 from flowlab.pipelines import FlowPipeline
-from flowlab.train import Trainer, load_config
-from flowlab.train.flow_matching import FlowMatchingRecipe
+from flowlab.recipes import Trainer, load_config
+from flowlab.recipes.flow_matching.recipe import FlowMatchingRecipe
 
 
 def _metrics(out):

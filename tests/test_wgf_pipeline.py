@@ -9,7 +9,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from flowlab.pipelines import FlowPipeline
-from flowlab.train import Trainer, load_config
+from flowlab.recipes import Trainer, load_config
 from flowlab.wgf import ProbabilityFlow, WGFPipeline, load_probability_flow
 from flowlab.wgf.diagnostics import jacobian_asymmetry
 

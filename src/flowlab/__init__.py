@@ -18,8 +18,8 @@ _LAZY = {
     "MLPVelocity": "flowlab.models.mlp",
     "UNetVelocity": "flowlab.models.unet",
     "DiTVelocity": "flowlab.models.dit",
-    "Trainer": "flowlab.train.trainer",
-    "load_config": "flowlab.train.config",
+    "Trainer": "flowlab.recipes",  # the engine's Trainer; importing flowlab.recipes registers the built-in recipes
+    "load_config": "flowlab.recipes",
 }
 
 __all__ = [*_LAZY, "__version__"]

@@ -6,8 +6,10 @@
     flowlab train --config configs/X.yaml [key=value ...]       # same as train.py
     flowlab push <output_dir> --repo-id user/name [--private] [--revision R] [--dry-run] [--commit-message M]
 
-Errors end in one line ``flowlab: error: ...`` and exit code 2. A run with ``hub.push=true``
-pushes from the main process once training has finished; if that push fails, the trained run
+Errors end in one line ``flowlab: error: ...`` and exit code 2. The config is validated before
+torch and diffusers are imported, so a typo is reported at once; a run with ``hub.push=true`` and
+no Hugging Face token is refused at start-up. A run with ``hub.push=true`` pushes from the main
+process once training has finished; if that push fails, the trained run
 stays on disk, the error and the ``flowlab push`` command to retry are printed, and the exit
 code is 3.
 """
@@ -50,17 +52,18 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0) or a one-line usage error (2)
         return int(e.code or 0)
-    from .data import DataError
-    from .train import ConfigError, Trainer, TrainingError, load_config
-    from .train.checkpoint import CheckpointError
+    from .errors import CheckpointError, ConfigError, DataError, TrainingError
+    from .recipes import load_config, train
     from .train.config import check_hub_config
+    from .errors import TrainingInterrupted
 
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     try:
+        # Validate first (light: no torch, no diffusers), then import the training stack and train,
+        # after any run this one needs (e.g. an RL recipe's missing base model).
         config = load_config(args.config, args.overrides)
         check_hub_config(config)
-        trainer = Trainer(config)
-        trainer.train()
+        train(config)
     except (ConfigError, DataError, CheckpointError, TrainingError) as e:
         _close_progress_bars()
         print(f"flowlab: error: {e}", file=sys.stderr)
@@ -69,6 +72,10 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         _close_progress_bars()
         print(f"flowlab: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:  # SIGINT/SIGTERM: a checkpoint of the last step was saved
+        _close_progress_bars()
+        print(f"flowlab: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         _close_progress_bars()
         print("flowlab: interrupted; resume with train.resume=latest", file=sys.stderr)

@@ -5,7 +5,7 @@ line can print it as ``flowlab: error: <message>`` without a traceback.
 """
 from __future__ import annotations
 
-__all__ = ["ConfigError", "OptionError", "DataError", "CheckpointError", "TrainingError", "RewardError", "HubError"]
+__all__ = ["ConfigError", "OptionError", "DataError", "CheckpointError", "TrainingError", "TrainingInterrupted", "RewardError", "HubError"]
 
 
 class ConfigError(ValueError):
@@ -39,6 +39,21 @@ class CheckpointError(RuntimeError):
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many non-finite losses in a row)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT or SIGTERM after saving a checkpoint at a step boundary.
+
+    Attributes:
+        signum: the signal that stopped the run.
+        step: the optimiser steps done (and saved).
+        exit_code: ``128 + signum`` (130 for SIGINT, 143 for SIGTERM), the shell's convention.
+    """
+
+    def __init__(self, message: str, signum: int, step: int):
+        super().__init__(message)
+        self.signum, self.step = signum, step
+        self.exit_code = 128 + signum
 
 
 class RewardError(RuntimeError):

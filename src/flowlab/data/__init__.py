@@ -1,9 +1,11 @@
-"""Datasets: embedded scikit-learn digits, 2-D toys, and images through Hugging Face ``datasets``."""
+"""Datasets: embedded scikit-learn digits, 2-D toys, images through Hugging Face ``datasets``, and
+prompt sets (text, JSONL or ``datasets``) for text-to-image RL."""
 from __future__ import annotations
 
 from .base import DataError, InMemoryDataset
 from .digits import DigitsDataset, from_unit_range, load_digits_arrays, to_unit_range
 from .toy2d import TOY2D, Toy2DDataset, sample_toy2d
+from .prompts import PromptDataConfig, PromptSampler, PromptSet, load_prompts
 
 __all__ = [
     "DataError",
@@ -16,6 +18,10 @@ __all__ = [
     "from_unit_range",
     "build_dataset",
     "TOY2D",
+    "PromptSet",
+    "PromptDataConfig",
+    "PromptSampler",
+    "load_prompts",
 ]
 
 

@@ -3,7 +3,7 @@
 =====================================  ================================================================
 module                                 what
 =====================================  ================================================================
-:mod:`flowlab.hub.card_data`           what a recipe says about its artefact (usage, tags, pipeline
+:mod:`flowlab.card_data`               what a recipe says about its artefact (usage, tags, pipeline
                                        tag, ...), saved by the trainer as ``<output_dir>/card.json``
 :mod:`flowlab.hub.card`                the model card (``huggingface_hub.ModelCard``) built from it
 :mod:`flowlab.hub.push`                :func:`push_to_hub`: plan the files, push as one commit, retry
@@ -15,7 +15,7 @@ publishing a run reads its folder and never imports, builds or inspects a recipe
 """
 from ..errors import HubError
 from .card import DEFAULT_LICENSE, LIBRARY_TAG, build_model_card, final_metrics
-from .card_data import CARD_DATA_FILE, REPO_ID, CardData, flow_pipeline_card_data, looks_like_repo_id, read_card_data, write_card_data
+from ..card_data import CARD_DATA_FILE, REPO_ID, CardData, flow_pipeline_card_data, looks_like_repo_id, read_card_data, write_card_data
 from .push import TRANSIENT_STATUS, PushFile, PushResult, plan_push, push_to_hub
 from .redaction import REDACTED, redact_secrets, scrub_token
 

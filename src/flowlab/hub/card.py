@@ -5,7 +5,7 @@ Following diffusers' ``load_or_create_model_card`` / ``populate_model_card``: th
 ``pipeline_tag``, ``tags``), the library's own tag (``flowlab``) and the recipe's name are added to the
 tags, and the card
 is a :class:`~huggingface_hub.ModelCard` whose YAML front matter the Hub (and ``ModelCard.load``)
-parses back. Every field comes from the run's :class:`~flowlab.hub.card_data.CardData`; the body
+parses back. Every field comes from the run's :class:`~flowlab.card_data.CardData`; the body
 adds the final metrics, the sample grid and the (redacted) training config.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Optional
 
 import yaml
 
-from .card_data import CardData
+from ..card_data import CardData
 from .redaction import redact_secrets, scrub_token
 
 __all__ = ["DEFAULT_LICENSE", "LIBRARY_TAG", "build_model_card", "final_metrics"]

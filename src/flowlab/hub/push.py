@@ -21,7 +21,7 @@ repo path                  what
 ``checkpoints/``, ``logs/``, ``card.json`` and anything else in the run folder are never uploaded.
 The run folder is only read: a push, a dry run or a failed push leave it byte-for-byte unchanged.
 What the card says about the model (usage, tags, pipeline tag, base model, the artefact folder)
-comes only from the run's ``card.json`` (:mod:`flowlab.hub.card_data`), written by the trainer from
+comes only from the run's ``card.json`` (:mod:`flowlab.card_data`), written by the trainer from
 the recipe's ``card_data()``: a push never imports a recipe and never guesses from file layouts.
 
 The token comes from the usual Hugging Face sources (the ``token`` argument, ``HF_TOKEN``,
@@ -46,7 +46,7 @@ import yaml
 from ..errors import HubError
 from ..fileio import PICKLE_SUFFIXES
 from .card import DEFAULT_LICENSE, build_model_card, final_metrics
-from .card_data import CARD_DATA_FILE, CardData, read_card_data
+from ..card_data import CARD_DATA_FILE, CardData, read_card_data
 from .redaction import REDACTED, redact_secrets, scrub_token, scrubbed_logging
 
 __all__ = ["PushFile", "PushResult", "TRANSIENT_STATUS", "push_to_hub", "plan_push"]
@@ -357,7 +357,7 @@ def push_to_hub(
         license: the card's license; default the run's ``hub.license``, else :data:`DEFAULT_LICENSE`.
         endpoint: the Hub URL; default ``HF_ENDPOINT`` or https://huggingface.co.
         preview_dir: where a dry run writes ``README.md`` (default: a new temporary folder).
-        card_data: fields of :class:`~flowlab.hub.card_data.CardData` that override the run's
+        card_data: fields of :class:`~flowlab.card_data.CardData` that override the run's
             ``card.json`` (e.g. ``{"license": "other"}``); for a run without ``card.json`` (trained
             before flowlab wrote it) it must give at least ``recipe`` and ``artifact`` (the folder to
             upload), and should give ``usage``, ``tags`` and ``pipeline_tag``.

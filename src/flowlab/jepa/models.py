@@ -21,6 +21,7 @@ Scores are returned as probabilities renormalised over the known entities.
 from __future__ import annotations
 
 import inspect
+import itertools
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -179,6 +180,14 @@ class ReversalGPT2(EntityQueryMixin, GPT2LMHeadModel):
 
     def __init__(self, config: ReversalGPT2Config):
         super().__init__(config)
+        # transformers picks the loss from the class name, and "ReversalGPT2" names none (it warned and fell
+        # back to the causal-LM loss on every run): say which one it is
+        self.loss_type = "ForCausalLM"
+        # the LM head is tied to the token embedding (one tensor under two names): state dicts list it once, under
+        # the embedding's name, as safetensors stores it (accelerate's checkpoints otherwise drop the alias and warn
+        # on every save), and loading accepts state dicts with or without the alias
+        self.register_state_dict_post_hook(_drop_tied_aliases)
+        self.register_load_state_dict_pre_hook(_restore_tied_aliases)
         self._register_vocab(config)
         if not config.position_embeddings:
             with torch.no_grad():
@@ -232,6 +241,26 @@ class ReversalGPT2(EntityQueryMixin, GPT2LMHeadModel):
         return logp.log_softmax(-1)
 
 
+def _tied_aliases(model: "ReversalGPT2") -> list[tuple[str, str]]:
+    """``(alias, target)`` names of the parameters tied right now (``lm_head.weight`` -> ``transformer.wte.weight``)."""
+    keys = getattr(model, "_tied_weights_keys", None) or {}
+    pairs = keys.items() if isinstance(keys, dict) else []
+    return [(a, t) for a, t in pairs if model.get_parameter(a) is model.get_parameter(t)]
+
+
+def _drop_tied_aliases(model: "ReversalGPT2", state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for alias, target in _tied_aliases(model):
+        if prefix + target in state_dict:
+            state_dict.pop(prefix + alias, None)
+
+
+def _restore_tied_aliases(model: "ReversalGPT2", state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                          missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    for alias, target in _tied_aliases(model):
+        if prefix + alias not in state_dict and prefix + target in state_dict:
+            state_dict[prefix + alias] = state_dict[prefix + target]
+
+
 # --------------------------------------------------------------------------- JEPA concept model
 
 
@@ -282,6 +311,9 @@ class JEPAConceptModel(EntityQueryMixin, PreTrainedModel):
       every entity and relation patch of the batch), the tail's concept being the target; targets come
       from the same encoder, with gradients.
     * **Decoding**: nearest neighbour (cosine) among the concepts of all known entities.
+
+    The concepts of all entities (:meth:`all_entity_concepts`) are cached between queries in eval mode
+    without autograd, and recomputed whenever the weights change.
     """
 
     config_class = JEPAConfig
@@ -308,6 +340,7 @@ class JEPAConceptModel(EntityQueryMixin, PreTrainedModel):
         self.post_init()
         if config.memory:
             self.memory.set_keys(self._memory_keys())
+        self._entity_concepts_cache: Optional[tuple[list[Tensor], Tensor]] = None  # (weights, concepts)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -364,6 +397,24 @@ class JEPAConceptModel(EntityQueryMixin, PreTrainedModel):
         toks = self.entity_token_ids if entities is None else self.entity_token_ids[entities]
         return self.encode_patches(toks, torch.full((len(toks),), toks.shape[1], device=toks.device))
 
+    def all_entity_concepts(self) -> Tensor:
+        """Concepts ``(N, d)`` of every known entity.
+
+        In eval mode with autograd off (queries: :meth:`answer`, :meth:`rank_entities`) the result is cached with
+        a copy of the weights it was computed from (every parameter and buffer) and reused while the weights are
+        equal to that copy, so a query costs one predictor pass, one ``(1, N)`` similarity and a comparison of
+        the weights instead of re-encoding all ``N`` entities. Comparing values rather than version counters also
+        catches writes that bypass them (``p.data.copy_``, as EMA weight swaps do). In training mode or with
+        autograd on, the concepts are always recomputed (and carry gradients).
+        """
+        if self.training or torch.is_grad_enabled():
+            return self.entity_concepts()
+        weights = [t.detach() for t in itertools.chain(self.parameters(), self.buffers())]
+        cache = self._entity_concepts_cache
+        if cache is None or not _equal_tensors(cache[0], weights):
+            cache = self._entity_concepts_cache = ([w.clone() for w in weights], self.entity_concepts())
+        return cache[1]
+
     def relation_concepts(self, relations: Tensor) -> Tensor:
         """Concepts ``(n, d)`` of relation ids ``(n,)``."""
         toks = self.relation_token_ids[relations][:, None]
@@ -413,9 +464,16 @@ class JEPAConceptModel(EntityQueryMixin, PreTrainedModel):
 
     def score_entities(self, heads: Tensor, relations: Tensor) -> Tensor:
         """Log-softmax over all entities ``(Q, N)`` of ``cos(prediction, c_e) / tau``."""
-        all_c = self.entity_concepts()
+        all_c = self.all_entity_concepts()
         pred = self.predict(all_c[heads], self.relation_concepts(relations))
         return self.similarity(pred, all_c).float().log_softmax(-1)
+
+
+def _equal_tensors(a: Sequence[Tensor], b: Sequence[Tensor]) -> bool:
+    """Same length, and pairwise the same shape, dtype, device and values."""
+    return len(a) == len(b) and all(
+        x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y) for x, y in zip(a, b)
+    )
 
 
 def _register_auto_classes() -> None:

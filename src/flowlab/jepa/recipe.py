@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import Tensor
 
 from ..data.base import DataError
@@ -27,13 +27,13 @@ from ..data.reversal import (
     read_reversal_data,
     write_reversal_data,
 )
-from ..train.config import Config, ConfigError, register_config_section
-from ..train.recipe import Recipe, StepContext, StepOutput, register_recipe
+from ..errors import ConfigError
+from ..train.config import Config
+from ..train.recipe import Recipe, StepContext, StepOutput
 from .metrics import ranking_metrics
 from .models import JEPAConceptModel, JEPAConfig, ReversalGPT2, ReversalGPT2Config
 
 __all__ = [
-    "ReversalConfig",
     "ReversalARRecipe",
     "ReversalJEPARecipe",
     "build_reversal_data",
@@ -43,45 +43,6 @@ __all__ = [
 ]
 
 EVAL_SPLITS = ("seen", "forward", "reverse")
-
-
-def _choices(*v, **kw):
-    return {"choices": v, **kw}
-
-
-@dataclass
-class ReversalConfig:
-    """``reversal:``: data sizes, model sizes and evaluation of the reversal recipes (see docs/jepa.md)."""
-
-    # data (flowlab.data.reversal)
-    data_dir: Optional[str] = None  # read the splits written by write_reversal_data instead of generating
-    num_entities_a: int = field(default=2000, metadata={"min": 2})  # both directions trained
-    num_entities_b: int = field(default=1000, metadata={"min": 2})  # one direction trained, the other held out
-    num_relations: int = field(default=6, metadata={"min": 1})
-    facts_per_entity: int = field(default=1, metadata={"min": 1})
-    names: str = field(default="multi", metadata=_choices("single", "multi"))
-    names_share: int = field(default=10, metadata={"min": 2})  # entities per shared first / last token
-    data_seed: Optional[int] = field(default=None, metadata={"min": 0})  # None: the run's seed
-    # model
-    hidden_size: int = field(default=128, metadata={"min": 8})
-    num_heads: int = field(default=4, metadata={"min": 1})
-    mlp_ratio: int = field(default=4, metadata={"min": 1})
-    dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
-    num_layers: int = field(default=4, metadata={"min": 1})  # reversal_ar
-    position_embeddings: bool = True  # reversal_ar: False removes GPT-2's positional embeddings
-    encoder_layers: int = field(default=2, metadata={"min": 1})  # reversal_jepa (ignored with memory)
-    predictor_layers: int = field(default=2, metadata={"min": 1})  # reversal_jepa
-    memory: bool = False  # reversal_jepa: mean-pool + top-1 key-value memory encoder
-    temperature: float = field(default=0.1, metadata={"min": 1e-4})  # reversal_jepa: logits = cos / temperature
-    negatives: str = field(default="batch", metadata=_choices("batch", "all"))  # reversal_jepa: in-batch or all entities
-    # reversal_jepa: learning-rate multiplier of the parameters that hold the concepts (the memory's values, or
-    # the token embeddings without memory): concepts must move faster than the predictor memorises (docs/jepa.md)
-    concept_lr_scale: float = field(default=1.0, metadata={"min": 0.0})
-    # evaluation
-    eval_max_queries: int = field(default=1000, metadata={"min": 1})  # per split, for the periodic eval
-
-
-register_config_section("reversal", ReversalConfig)
 
 
 def build_reversal_data(config: Config) -> ReversalData:
@@ -150,7 +111,7 @@ class _ReversalRecipe(Recipe):
 
     @staticmethod
     def _unwrap(model):
-        return getattr(model, "module", model)
+        return extract_model_from_parallel(model)
 
     def evaluate(self, model, generator) -> dict:
         return evaluate_reversal(self._unwrap(model), self.data, self.config.reversal.eval_max_queries)
@@ -177,9 +138,10 @@ class _ReversalRecipe(Recipe):
         }
 
 
-@register_recipe("reversal_ar")
 class ReversalARRecipe(_ReversalRecipe):
     """GPT-2 baseline (``recipe: reversal_ar``): next-token loss on the tail's tokens."""
+
+    name = "reversal_ar"
 
     model_class = "ReversalGPT2"
     pipeline_tag = "text-generation"
@@ -213,13 +175,14 @@ def _gather(x: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-@register_recipe("reversal_jepa")
 class ReversalJEPARecipe(_ReversalRecipe):
     """JEPA concept model (``recipe: reversal_jepa``; ``reversal.memory`` for the memory variant).
 
     In-batch negatives are the *global* batch's entities and relations (ids gathered from every
     process), so the loss does not depend on the number of processes.
     """
+
+    name = "reversal_jepa"
 
     def build_model(self, dataset) -> JEPAConceptModel:
         r, data = self.config.reversal, dataset.data

@@ -1,15 +1,9 @@
-"""Sample-quality metrics. ``flowlab.metrics.digits``: Fréchet distance, confidence and class
-histogram of 8x8 digits samples in the feature space of a small cached digits classifier."""
-from .digits import (
-    CLASSIFIER_RECIPE,
-    CLASSIFIER_VERSION,
-    DigitsClassifier,
-    DigitsEvaluator,
-    fd_from_features,
-    feature_stats,
-    frechet_distance,
-    prepare_images,
-)
+"""Sample-quality metrics: the digits classifier (:mod:`.classifier`), the Fréchet distance
+(:mod:`.frechet`) and the digits evaluator built on both (:mod:`.digits`: FD, confidence and
+class histogram of 8x8 digits samples)."""
+from .classifier import CLASSIFIER_RECIPE, CLASSIFIER_VERSION, DigitsClassifier, load_classifier
+from .digits import DigitsEvaluator, prepare_images
+from .frechet import fd_from_features, feature_stats, frechet_distance
 
 __all__ = [
     "CLASSIFIER_RECIPE",
@@ -19,5 +13,6 @@ __all__ = [
     "fd_from_features",
     "feature_stats",
     "frechet_distance",
+    "load_classifier",
     "prepare_images",
 ]

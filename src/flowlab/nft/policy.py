@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from typing import Any, Sequence
 
 import torch
@@ -77,10 +77,10 @@ def adapter_pairs(network: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]
     return pairs
 
 
-class Policy(nn.Module):
+class Policy(nn.Module, ABC):
     """Base class of RL policies over a flow model (see the module docstring).
 
-    Subclasses implement :meth:`_velocity` (one role's velocity ``(B, ...)`` at flowlab times ``t`` ``(B,)``),
+    An abstract class: a subclass that leaves one of these out cannot be instantiated. Subclasses implement :meth:`_velocity` (one role's velocity ``(B, ...)`` at flowlab times ``t`` ``(B,)``),
     :meth:`encode` (conditions of a batch of prompts/labels), :meth:`decode` (samples -> images in [0, 1]
     for rewards), :attr:`sample_shape`, :attr:`path` and :meth:`save`.
     """

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import math
 import os
+from abc import abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 
 from ..flow.conventions import PREDICTION_T_EPS
@@ -36,80 +38,16 @@ from ..flow.sampling import sample
 from ..flow.sde import MarginalSDE
 from ..flow.solvers import time_grid
 from ..flow.time_samplers import build_time_sampler
-from ..hub.card_data import flow_pipeline_card_data, looks_like_repo_id
-from ..train.config import Config, ConfigError, register_config_section
-from ..train.recipe import Recipe, StepContext, StepOutput, register_recipe
+from ..errors import ConfigError
+from ..card_data import looks_like_repo_id
+from ..train.config import Config, load_config
+from ..train.recipe import Recipe, StepContext, StepOutput
 from .advantages import group_advantages, optimality_probability
 from .losses import grpo_loss, nft_loss
+from .config import FlowlabRLConfig, FluxRLConfig, GRPOConfig, NFTConfig, SD3RLConfig, SDUNetRLConfig
 from .policy import FlowPolicy, LoraSpec, Policy
 
-__all__ = ["RLConfig", "NFTConfig", "GRPOConfig", "RLRecipe", "NFTRecipe", "FlowGRPORecipe", "ConditionDataset"]
-
-
-def _c(*values, **kw):
-    return {"choices": values, **kw}
-
-
-@dataclass
-class RLConfig:
-    """``rl``: what both RL recipes share (base model, conditions, rollouts, rewards, LoRA, evaluation)."""
-
-    pipeline: str = field(default="flowlab", metadata=_c("flowlab", "sd3", "flux", "sd_unet"))
-    base: Optional[str] = "runs/quickstart/pipeline"  # FlowPipeline / SD3 / FLUX / SD(XL) pipeline folder or Hub id
-    base_config: Optional[str] = "configs/quickstart.yaml"  # trains the base first if `base` is a missing folder
-    class_labels: list[int] = field(default_factory=list)  # flowlab: conditions; [] = unconditional (null class)
-    prompts: list[str] = field(default_factory=list)  # sd3/flux/sd_unet: prompts (or rl.prompts_file, one per line)
-    prompts_file: Optional[str] = None
-    group_size: int = field(default=8, metadata={"min": 2})  # G samples per condition
-    rewards: list[dict] = field(default_factory=lambda: [{"name": "digits_classifier", "target": 3}])
-    reward_workers: int = field(default=0, metadata={"min": 0})  # > 0: score chunks asynchronously
-    rollout_chunks: int = field(default=1, metadata={"min": 1})  # rollouts in chunks (overlap with async rewards)
-    solver: str = field(default="multistep", metadata=_c("euler", "midpoint", "heun", "multistep"))
-    num_inference_steps: int = field(default=10, metadata={"min": 1})
-    shift: float = field(default=1.0, metadata={"min": 1e-6})
-    guidance_scale: float = 1.0
-    adv_clip: float = field(default=5.0, metadata={"min": 0.0})
-    adv_std_floor: float = field(default=0.0, metadata={"min": 0.0})  # floor on the global reward std (0: public code)
-    lora_rank: int = field(default=0, metadata={"min": 0})  # 0: full fine-tuning
-    lora_alpha: float = field(default=0.0, metadata={"min": 0.0})  # 0: 2 x rank
-    lora_targets: list[str] = field(default_factory=list)  # [] = the pipeline's default targets
-    eval_samples: int = field(default=256, metadata={"min": 2})
-    eval_solver: str = field(default="multistep", metadata=_c("euler", "midpoint", "heun", "multistep"))
-    eval_steps: int = field(default=20, metadata={"min": 1})
-    # text-to-image only (flux: rl.guidance_scale is FLUX.1-dev's guidance embedding, 1.0 for schnell)
-    resolution: int = field(default=512, metadata={"min": 8})
-    max_sequence_length: int = field(default=77, metadata={"min": 1})
-
-
-@dataclass
-class NFTConfig:
-    """``nft``: DiffusionNFT (defaults of the public code)."""
-
-    guidance_beta: float = field(default=1.0, metadata={"min": 1e-6})  # beta of the implicit policies (NOT kl_coef)
-    loss: str = field(default="x0_normalized", metadata=_c("x0_normalized", "velocity"))
-    kl_coef: float = field(default=0.0, metadata={"min": 0.0})  # c * ||v_theta - v_ref||^2 (public code: 1e-4)
-    timesteps: str = field(default="grid", metadata=_c("grid", "sampled"))  # the sampler's grid, or flow.time_sampler
-    timestep_fraction: float = field(default=0.99, metadata={"min": 0.0, "max": 1.0})  # of the grid, per sample
-    timestep_chunk: int = field(default=0, metadata={"min": 0})  # timesteps per backward part (0: all at once)
-    old_decay_rate: float = field(default=0.001, metadata={"min": 0.0})  # eta = min(rate * (step - delay), max)
-    old_decay_max: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
-    old_decay_delay: int = field(default=0, metadata={"min": 0})
-
-
-@dataclass
-class GRPOConfig:
-    """``grpo``: FlowGRPO (defaults of the public code)."""
-
-    noise_level: float = field(default=0.7, metadata={"min": 0.0})  # a of the SDE
-    clip_range: float = field(default=1e-4, metadata={"min": 0.0})  # PPO ratio clip
-    kl_coef: float = field(default=0.04, metadata={"min": 0.0})
-    timestep_fraction: float = field(default=1.0, metadata={"min": 0.0, "max": 1.0})
-    timestep_chunk: int = field(default=1, metadata={"min": 0})  # SDE steps per backward part (0: all)
-
-
-register_config_section("rl", RLConfig)
-register_config_section("nft", NFTConfig)
-register_config_section("grpo", GRPOConfig)
+__all__ = ["NFTConfig", "GRPOConfig", "RLRecipe", "NFTRecipe", "FlowGRPORecipe", "ConditionDataset"]
 
 
 class ConditionDataset(torch.utils.data.Dataset):
@@ -154,60 +92,30 @@ class RLRecipe(Recipe):
 
     def __init__(self, config: Config):
         super().__init__(config)
-        self.rl: RLConfig = config.rl
-        self._check_config()
+        self.rl: FlowlabRLConfig | SD3RLConfig = config.rl  # checked by its own settings class (flowlab.nft.config)
         self.reward = None
         self._async = None
         self.policy: Policy | None = None
         self._evaluator = None  # the digits quality guards' classifier, on first evaluation
 
-    def prepare(self) -> None:
-        self._maybe_train_base()
-
     # ----------------------------------------------------------------- set-up
-    def _check_config(self) -> None:
-        rl = self.rl
-        if not rl.rewards:
-            raise ConfigError("rl.rewards: give at least one reward, e.g. [{name: digits_classifier, target: 3}]")
-        if rl.pipeline == "flowlab" and (rl.prompts or rl.prompts_file):
-            raise ConfigError("rl.prompts: prompts need a text-to-image rl.pipeline (sd3, flux, sd_unet); a flowlab pipeline takes rl.class_labels")
-        if rl.pipeline != "flowlab" and not (rl.prompts or rl.prompts_file):
-            raise ConfigError(f"rl.prompts: an {rl.pipeline} pipeline needs prompts (rl.prompts or rl.prompts_file)")
-        if rl.base is None:
-            raise ConfigError("rl.base: the pipeline to fine-tune (a folder or a Hub id)")
+    def prerequisites(self) -> list[Config]:
+        """The run that trains ``rl.base`` when it names a local folder that does not exist yet
+        (with ``rl.base_config``, writing to the folder above ``rl.base``)."""
+        base_config = self.rl.missing_base_config()
+        if base_config is None:
+            return []
+        return [load_config(base_config, [f"output_dir={os.path.dirname(os.path.normpath(self.rl.base))}"])]
 
-    def _maybe_train_base(self) -> None:
-        """``rl.base`` names a local folder that does not exist yet: train it with ``rl.base_config``."""
-        rl = self.rl
-        if rl.pipeline != "flowlab" or os.path.exists(rl.base) or not (rl.base.startswith((".", "/")) or os.sep in rl.base):
-            return
-        if not rl.base_config:
-            raise ConfigError(f"rl.base: {rl.base} does not exist and rl.base_config is not set to train it")
-        if not os.path.isfile(rl.base_config):
-            raise ConfigError(f"rl.base_config: {rl.base_config} is not a file (needed to train the missing base {rl.base})")
-        from ..train.config import load_config
-        from ..train.trainer import Trainer
-
-        out = os.path.dirname(os.path.normpath(rl.base))
-        base_cfg = load_config(rl.base_config, [f"output_dir={out}"])
-        print(f"flowlab: rl.base {rl.base} not found; training it first with {rl.base_config} (output {out})")
-        trainer = Trainer(base_cfg)
-        trainer.train()
-        if not os.path.isdir(rl.base):
-            raise ConfigError(f"rl.base: training {rl.base_config} did not produce {rl.base}; point rl.base at its artefact")
+    def prepare(self) -> None:
+        if self.rl.missing_base_config() is not None:
+            raise ConfigError(
+                f"rl.base: {self.rl.base} does not exist; train it first with rl.base_config={self.rl.base_config} "
+                "(the command line and flowlab.recipes.train do this for you)"
+            )
 
     def build_dataset(self):
-        rl = self.rl
-        if rl.pipeline != "flowlab":
-            prompts = list(rl.prompts)
-            if rl.prompts_file:
-                try:
-                    with open(rl.prompts_file, encoding="utf-8") as f:
-                        prompts += [line.strip() for line in f if line.strip()]
-                except OSError as e:
-                    raise ConfigError(f"rl.prompts_file: cannot read {rl.prompts_file}: {e.strerror}") from None
-            return ConditionDataset(prompts)
-        return ConditionDataset(list(rl.class_labels) or [None])
+        return ConditionDataset(self.rl.conditions())
 
     def _lora(self, default_targets: list[str]) -> LoraSpec | None:
         rl = self.rl
@@ -222,30 +130,38 @@ class RLRecipe(Recipe):
         self.conditions = dataset.conditions
         self.reward = build_rewards(rl.rewards, key="rl.rewards")
         self._async = AsyncReward(self.reward, max_workers=rl.reward_workers) if rl.reward_workers > 0 else None
-        if rl.pipeline == "sd3":
-            from .sd3 import SD3Policy
+        self.policy = _POLICY_BUILDERS[type(rl)](self, rl)
+        return self.policy
 
-            self.policy = SD3Policy.from_pretrained(
-                rl.base, lora=self._lora(SD3Policy.default_lora_targets), reference=self.needs_reference,
-                resolution=rl.resolution, max_sequence_length=rl.max_sequence_length,
-            )
-            return self.policy
-        if rl.pipeline == "flux":
-            from ..families.flux import FluxAdapter
-            from .family_policy import FluxPolicy
+    def _sd3_policy(self, rl: SD3RLConfig) -> Policy:
+        """``rl.pipeline: sd3``: LoRA (or full) fine-tuning of an SD3 pipeline's transformer."""
+        from .sd3 import SD3Policy
 
-            self.policy = FluxPolicy.from_pretrained(
-                rl.base, lora=self._lora(FluxAdapter.default_lora_targets), reference=self.needs_reference,
-                resolution=rl.resolution, max_sequence_length=rl.max_sequence_length, guidance_scale=rl.guidance_scale,
-            )
-            return self.policy
-        if rl.pipeline == "sd_unet":
-            from ..families.unet import UNetAdapter
-            from .family_policy import FamilyPolicy
+        return SD3Policy.from_pretrained(
+            rl.base, lora=self._lora(SD3Policy.default_lora_targets), reference=self.needs_reference,
+            resolution=rl.resolution, max_sequence_length=rl.max_sequence_length,
+        )
 
-            adapter = UNetAdapter.from_pretrained(rl.base, key="rl.base", resolution=rl.resolution, guidance_scale=rl.guidance_scale)
-            self.policy = FamilyPolicy(adapter, lora=self._lora(UNetAdapter.default_lora_targets), reference=self.needs_reference)
-            return self.policy
+    def _flux_policy(self, rl: FluxRLConfig) -> Policy:
+        """``rl.pipeline: flux``: FLUX.1 through :class:`~flowlab.families.FluxAdapter` (guidance embedding ``rl.guidance_scale``)."""
+        from ..families.flux import FluxAdapter
+        from .family_policy import FluxPolicy
+
+        return FluxPolicy.from_pretrained(
+            rl.base, lora=self._lora(FluxAdapter.default_lora_targets), reference=self.needs_reference,
+            resolution=rl.resolution, max_sequence_length=rl.max_sequence_length, guidance_scale=rl.guidance_scale,
+        )
+
+    def _sd_unet_policy(self, rl: SDUNetRLConfig) -> Policy:
+        """``rl.pipeline: sd_unet``: an SD1.5/2.1/SDXL UNet through :class:`~flowlab.families.UNetAdapter` (CFG in rollouts)."""
+        from ..families.unet import UNetAdapter
+        from .family_policy import FamilyPolicy
+
+        adapter = UNetAdapter.from_pretrained(rl.base, key="rl.base", resolution=rl.resolution, guidance_scale=rl.guidance_scale)
+        return FamilyPolicy(adapter, lora=self._lora(UNetAdapter.default_lora_targets), reference=self.needs_reference)
+
+    def _flowlab_policy(self, rl: FlowlabRLConfig) -> Policy:
+        """``rl.pipeline: flowlab``: a FlowPipeline's velocity model; ``rl.class_labels`` must be its classes."""
         from ..pipelines import FlowPipeline
 
         try:
@@ -259,8 +175,7 @@ class RLRecipe(Recipe):
         for c in rl.class_labels:
             if not 0 <= c < max(net.num_classes, 1):
                 raise ConfigError(f"rl.class_labels: {c} is not a class of the base model (0..{net.num_classes - 1})")
-        self.policy = FlowPolicy(net, pipe.scheduler, lora=self._lora(targets), reference=self.needs_reference)
-        return self.policy
+        return FlowPolicy(net, pipe.scheduler, lora=self._lora(targets), reference=self.needs_reference)
 
     @property
     def needs_reference(self) -> bool:
@@ -268,7 +183,7 @@ class RLRecipe(Recipe):
 
     # ----------------------------------------------------------------- rollouts and rewards
     def _policy(self, model: nn.Module) -> Policy:
-        return model.module if hasattr(model, "module") else model
+        return extract_model_from_parallel(model)
 
     def _field(self, policy: Policy, cond, role: str):
         return policy.field(cond, role, self.rl.guidance_scale)
@@ -297,9 +212,9 @@ class RLRecipe(Recipe):
         """Rows per rollout chunk (``rl.rollout_chunks`` chunks), for sampling and for scoring."""
         return max(1, math.ceil(n / self.rl.rollout_chunks))
 
+    @abstractmethod
     def rollout(self, policy: Policy, batch: dict, ctx: StepContext) -> Rollout:
         """Sample the local rows' ``G`` samples each (noise drawn for the global batch, then sliced)."""
-        raise NotImplementedError
 
     def _advantages(self, rewards: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor, dict]:
         """Group advantages over the whole global micro-batch (rewards gathered from every process)."""
@@ -327,9 +242,6 @@ class RLRecipe(Recipe):
         return adv.advantages[sl].to(ctx.device), adv.valid[sl].to(ctx.device), logs
 
     # ----------------------------------------------------------------- the step
-    def training_step(self, model, batch, ctx):  # pragma: no cover - the recipes yield parts
-        raise RuntimeError("RL recipes train through training_losses")
-
     def training_losses(self, model: nn.Module, batch: dict, ctx: StepContext) -> Iterator[StepOutput]:
         policy = self._policy(model)
         with torch.no_grad():
@@ -347,8 +259,10 @@ class RLRecipe(Recipe):
         n, k = ro.x.shape[0], self._chunk_size(ro.x.shape[0])
         return [(ro.x[i : i + k], ro.conditions[i : i + k]) for i in range(0, n, k)]
 
+    @abstractmethod
     def method_losses(self, model, policy, ro: Rollout, adv: Tensor, valid: Tensor, ctx: StepContext) -> Iterator[StepOutput]:
-        raise NotImplementedError
+        """The method's loss on rollouts ``ro`` with advantages ``adv`` (``valid``: scored samples), in
+        parts (one per chunk of training timesteps)."""
 
     # ----------------------------------------------------------------- evaluation and saving
     @torch.no_grad()
@@ -388,7 +302,7 @@ class RLRecipe(Recipe):
     def _digits_target(self) -> int | None:
         """The target class of a single digits-classifier reward (for the quality guards), else ``None``."""
         specs = self.rl.rewards
-        if self.rl.pipeline == "flowlab" and len(specs) == 1 and specs[0].get("name") == "digits_classifier":
+        if isinstance(self.rl, FlowlabRLConfig) and len(specs) == 1 and specs[0].get("name") == "digits_classifier":
             return int(specs[0].get("target", 0))
         return None
 
@@ -402,39 +316,14 @@ class RLRecipe(Recipe):
         rl = self.rl
         method = {"nft": "DiffusionNFT", "flowgrpo": "FlowGRPO"}.get(self.name, self.name)
         rewards = ", ".join(f"`{spec.get('name', '?')}`" for spec in rl.rewards)
-        if rl.pipeline == "flowlab":
-            data = flow_pipeline_card_data(repo_id, class_labels=f"[{rl.class_labels[0]}] * 16" if rl.class_labels else None)
-        else:
-            base = rl.base if looks_like_repo_id(rl.base) else "<base model repo id>"
-            pipe_cls, net_cls, net_name, family_tag = {
-                "sd3": ("StableDiffusion3Pipeline", "SD3Transformer2DModel", "transformer", "stable-diffusion-3"),
-                "flux": ("FluxPipeline", "FluxTransformer2DModel", "transformer", "flux"),
-                "sd_unet": ("DiffusionPipeline", "UNet2DConditionModel", "unet", "stable-diffusion"),
-            }[rl.pipeline]
-            if rl.lora_rank > 0:
-                usage = (
-                    f'from diffusers import {pipe_cls}\npipe = {pipe_cls}.from_pretrained("{base}")\n'
-                    f'pipe.load_lora_weights("{repo_id}")'
-                )
-            else:
-                usage = (
-                    f"from diffusers import {net_cls}, {pipe_cls}\n"
-                    f'{net_name} = {net_cls}.from_pretrained("{repo_id}", subfolder="{net_name}")\n'
-                    f'pipe = {pipe_cls}.from_pretrained("{base}", {net_name}={net_name})'
-                )
-            data = {
-                "usage": usage,
-                "tags": ["text-to-image", family_tag] + (["lora"] if rl.lora_rank > 0 else []),
-                "pipeline_tag": "text-to-image",
-            }
-        data["tags"] = [*data["tags"], "reinforcement-learning", method.lower()]
+        data = rl.card_data(repo_id)
+        data["tags"] = [*data.get("tags", []), "reinforcement-learning", method.lower()]
         data["description"] = f"Fine-tuned from `{rl.base}` with {method} (flowlab `recipe: {self.name}`) against the reward(s) {rewards}."
         if looks_like_repo_id(rl.base):
             data["base_model"] = rl.base
         return data
 
 
-@register_recipe("nft")
 class NFTRecipe(RLRecipe):
     """DiffusionNFT: negative-aware fine-tuning on the forward process (see the module docstring).
 
@@ -448,6 +337,7 @@ class NFTRecipe(RLRecipe):
         + kl_coef * ||u_theta - u_ref||^2
     """
 
+    name = "nft"
     rollout_role = "old"
 
     @property
@@ -521,7 +411,6 @@ class NFTRecipe(RLRecipe):
         return {"old_decay": eta}
 
 
-@register_recipe("flowgrpo")
 class FlowGRPORecipe(RLRecipe):
     """FlowGRPO: GRPO on the marginal-preserving SDE of the flow (see :mod:`flowlab.flow.sde`).
 
@@ -532,6 +421,7 @@ class FlowGRPORecipe(RLRecipe):
         L = E[ max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)) ] + kl_coef E[ ||mu_theta - mu_ref||^2 / (2 std_k^2) ]
     """
 
+    name = "flowgrpo"
     rollout_role = "current"
 
     @property
@@ -617,3 +507,10 @@ def _slice_cond(cond, i: int, j: int):
     if isinstance(cond, dict):
         return {key: _slice_cond(v, i, j) for key, v in cond.items()}
     raise TypeError(f"cannot slice conditioning of type {type(cond).__name__}")
+
+
+#: How each kind of ``rl`` settings builds its policy.
+_POLICY_BUILDERS = {
+    FlowlabRLConfig: RLRecipe._flowlab_policy, SD3RLConfig: RLRecipe._sd3_policy,
+    FluxRLConfig: RLRecipe._flux_policy, SDUNetRLConfig: RLRecipe._sd_unet_policy,
+}

@@ -26,12 +26,10 @@ from torch.nn import functional as F
 from ..flow import LinearPath, get_solver, time_grid
 from ..flow.parameterization import to_velocity
 from ..models import MODEL_TYPES, sinusoidal_embedding
+from .config import EMBEDDINGS, VARIANTS
 from .schedules import DiscreteCosineSchedule, GammaPath, MonotoneGamma
 
 __all__ = ["NoPropClassifier", "DenoisingBlock", "ImageEncoder", "VARIANTS", "EMBEDDINGS"]
-
-VARIANTS = ("dt", "ct", "fm", "backprop")
-EMBEDDINGS = ("one_hot", "learned", "prototype")
 
 
 class _MixtureSquaredError(torch.autograd.Function):
@@ -250,8 +248,24 @@ class NoPropClassifier(ModelMixin, ConfigMixin):
 
     def final_state(self, images: Tensor, generator: Optional[torch.Generator] = None, steps: Optional[int] = None,
                     solver: Optional[str] = None) -> Tensor:
-        """``z_T`` / ``z_1`` reached from noise ``z_0 ~ N(0, I)`` for ``images`` ``(B, C, H, W)``."""
+        """``z_T`` / ``z_1`` reached from noise ``z_0 ~ N(0, I)`` for ``images`` ``(B, C, H, W)``.
+
+        ``steps`` and ``solver`` choose the ODE integration of the ``ct`` and ``fm`` variants (default: the
+        config's ``inference_steps`` / ``solver``).
+
+        Raises:
+            ValueError: ``steps`` or ``solver`` given to a ``dt`` or ``backprop`` classifier, whose ``T`` blocks
+                are one fixed recursion with nothing to integrate.
+        """
         cfg = self.config
+        if cfg.variant in ("dt", "backprop"):
+            given = [f"{name}={value!r}" for name, value in (("steps", steps), ("solver", solver)) if value is not None]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)}: the NoProp variant {cfg.variant!r} runs its "
+                    f"{cfg.num_blocks} blocks as one fixed recursion and has no ODE steps or solver to choose; "
+                    "these options apply to the 'ct' and 'fm' variants only (leave them unset)"
+                )
         x = images.to(self.device, self.dtype)
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
         z0 = torch.randn((x.shape[0], self.embed_dim), generator=gen).to(x)
@@ -292,7 +306,10 @@ class NoPropClassifier(ModelMixin, ConfigMixin):
     @torch.no_grad()
     def predict(self, images: Tensor, generator: Optional[torch.Generator] = None, steps: Optional[int] = None,
                 solver: Optional[str] = None, batch_size: int = 512) -> Tensor:
-        """Class indices ``(B,)`` for images ``(B, C, H, W)`` in ``[-1, 1]`` (eval mode; seeded noise: reproducible)."""
+        """Class indices ``(B,)`` for images ``(B, C, H, W)`` in ``[-1, 1]`` (eval mode; seeded noise: reproducible).
+
+        ``steps`` / ``solver`` apply to the ``ct`` and ``fm`` variants; a ``dt`` or ``backprop`` classifier refuses
+        them with a ``ValueError`` (see :meth:`final_state`)."""
         was = self.training
         self.eval()
         gen = generator if generator is not None else torch.Generator().manual_seed(0)

@@ -12,53 +12,23 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import Tensor
 from torch.nn import functional as F
 
 from ..data import build_dataset
-from ..flow import FlowMatchingLoss, LinearPath, SOLVERS, UniformTimeSampler
-from ..train.config import Config, ConfigError, register_config_section
-from ..train.recipe import Recipe, StepContext, StepOutput, register_recipe
-from .models import EMBEDDINGS, VARIANTS, NoPropClassifier
+from ..flow import FlowMatchingLoss, LinearPath, UniformTimeSampler
+from ..errors import ConfigError
+from ..train.config import Config
+from ..train.recipe import DataSectionRecipe, StepContext, StepOutput
+from .config import NoPropConfig
+from .models import NoPropClassifier
 from .schedules import gaussian_kl_to_standard, noisy_label
 
 __all__ = ["NoPropConfig", "NoPropRecipe", "build_classifier", "accuracy", "load_eval_split"]
-
-
-def _choices(*v, **kw):
-    return {"choices": v, **kw}
-
-
-@dataclass
-class NoPropConfig:
-    """``noprop:``: NoProp classifiers (see docs/noprop.md)."""
-
-    variant: str = field(default="dt", metadata=_choices(*VARIANTS))
-    num_blocks: int = field(default=10, metadata={"min": 1})  # T (dt, backprop)
-    eta: Optional[float] = field(default=None, metadata={"min": 0.0})  # None: 0.1 (dt), 1.0 (ct)
-    embedding: str = field(default="one_hot", metadata=_choices(*EMBEDDINGS))
-    embed_dim: int = field(default=20, metadata={"min": 1})  # learned embeddings only
-    backbone: str = field(default="paper", metadata=_choices("paper", "model"))  # model: the `model:` section
-    hidden_dim: int = field(default=256, metadata={"min": 1})
-    channels: list[int] = field(default_factory=lambda: [32, 64, 128])
-    dropout: float = field(default=0.2, metadata={"min": 0.0, "max": 1.0})
-    time_embed_dim: int = field(default=64, metadata={"min": 2})  # ct, fm
-    gamma_0: float = 3.0  # ct: SNR(0) = exp(-gamma_0) (digits: +-6 trains poorly, see docs/noprop.md)
-    gamma_1: float = -3.0  # ct: SNR(1) = exp(-gamma_1)
-    schedule_eps: float = field(default=1e-3, metadata={"min": 1e-8, "max": 0.1})  # dt schedule clamp
-    solver: str = field(default="euler", metadata=_choices(*SOLVERS))  # ct, fm inference
-    inference_steps: int = field(default=20, metadata={"min": 1})
-    eval_steps: list[int] = field(default_factory=list)  # ct, fm: also report accuracy at these step counts
-    eval_split: str = "test"  # held-out split for `evaluate`
-    eval_max_examples: int = field(default=10000, metadata={"min": 1})
-    fm_endpoint_ce: Optional[float] = field(default=None, metadata={"min": 0.0})  # None: 1.0 for learned embeddings, else 0
-
-
-register_config_section("noprop", NoPropConfig)
 
 
 def build_classifier(config: Config, image_shape, num_classes: int) -> NoPropClassifier:
@@ -66,9 +36,7 @@ def build_classifier(config: Config, image_shape, num_classes: int) -> NoPropCla
     n = config.noprop
     backbone_config = None
     if n.backbone == "model":
-        m = config.model
-        if m.type not in ("mlp", "unet", "dit"):
-            raise ConfigError(f"model.type: noprop.backbone=model uses an image backbone (mlp, unet or dit), got {m.type!r}")
+        m = config.model  # an image backbone: NoPropConfig.check
         backbone_config = {"type": m.type, "dropout": m.dropout}
         if m.type == "mlp":
             backbone_config.update(hidden_dim=m.hidden_dim, depth=m.depth, time_embed_dim=m.time_embed_dim)
@@ -91,7 +59,9 @@ def load_eval_split(config: Config):
     """``(images, labels)`` of the held-out split ``noprop.eval_split`` (digits: the fixed 360-image test split)."""
     import dataclasses
 
-    data = dataclasses.replace(config.data, split=config.noprop.eval_split, random_flip=False, center_crop=True)
+    held_out = {"split": config.noprop.eval_split, "random_flip": False, "center_crop": True}
+    fields = {f.name for f in dataclasses.fields(config.data)}  # the keys of this data.name
+    data = dataclasses.replace(config.data, **{k: v for k, v in held_out.items() if k in fields})
     ds = build_dataset(data, config.seed)
     n = min(len(ds), config.noprop.eval_max_examples)
     if hasattr(ds, "get_batch"):
@@ -112,9 +82,10 @@ def _owner(block: int, num_blocks: int, num_processes: int) -> int:
     return block * num_processes // num_blocks
 
 
-@register_recipe("noprop")
-class NoPropRecipe(Recipe):
+class NoPropRecipe(DataSectionRecipe):
     """NoProp classifiers (``recipe: noprop``, section ``noprop:``); saves a :class:`NoPropClassifier`."""
+
+    name = "noprop"
 
     artifact_name = "classifier"
 
@@ -130,9 +101,6 @@ class NoPropRecipe(Recipe):
         self._rank, self._world = 0, 1
 
     # ------------------------------------------------------------------ set-up
-    def build_dataset(self):
-        return build_dataset(self.config.data, self.config.seed)
-
     def build_model(self, dataset):
         num_classes = getattr(dataset, "num_classes", 0)
         if num_classes <= 0:
@@ -182,7 +150,7 @@ class NoPropRecipe(Recipe):
     # ------------------------------------------------------------------ losses
     @staticmethod
     def _unwrap(model) -> NoPropClassifier:
-        return getattr(model, "module", model)
+        return extract_model_from_parallel(model)
 
     @staticmethod
     def _generator(ctx: StepContext, base: int, unit: int) -> torch.Generator:

@@ -4,12 +4,14 @@
 strings or None, ``metadata`` a list of N dicts or None; the scores are a float32 CPU tensor
 ``(N,)`` with NaN for samples that could not be scored. Build rewards from config specs::
 
-    reward = build_reward({"name": "digits_classifier", "target": 3}, key="nft.rewards[0]")
+    reward = build_reward({"name": "digits_classifier", "target": 3}, key="rl.rewards[0]")
     reward = build_rewards([{"name": "pickscore", "weight": 1.0}, {"name": "aesthetic", "head": "...", "weight": 0.5}])
 
 Built-in rewards (``REWARDS``): ``jpeg_compressibility``, ``jpeg_incompressibility``,
-``digits_classifier``, ``clip_score``, ``pickscore``, ``aesthetic``, ``http``, ``python``.
-Several rewards combine with weights after per-reward z-scoring (:class:`CombinedReward`);
+``digits_classifier``, ``clip_score``, ``pickscore``, ``aesthetic``, ``http``, ``python``,
+``geneval``, ``ocr``, ``hpsv2``, ``imagereward``, ``vlm_judge`` (the last four need optional
+extras or a server: see their modules). Several rewards combine with weights after per-reward
+z-scoring, or as the reference's raw weighted sum (:class:`CombinedReward`, :func:`combine_scores`);
 :class:`AsyncReward` overlaps slow rewards with training; ``python -m flowlab.rewards.server``
 serves any reward over HTTP. See ``docs/rewards.md``.
 """
@@ -23,7 +25,7 @@ from flowlab.rewards.base import (
     coerce_scores,
     register_reward,
 )
-from flowlab.rewards.combined import CombinedReward, zscore
+from flowlab.rewards.combined import COMBINE_MODES, CombinedReward, combine_scores, zscore
 from flowlab.rewards.asynchronous import AsyncReward
 
 # built-ins register themselves on import (their heavy dependencies load lazily)
@@ -32,6 +34,11 @@ from flowlab.rewards.digits import DigitsClassifierReward
 from flowlab.rewards.clip import AestheticMLP, AestheticReward, CLIPScoreReward, PickScoreReward, load_aesthetic_head
 from flowlab.rewards.remote import HTTPReward
 from flowlab.rewards.function import PythonReward, import_callable
+from flowlab.rewards.geneval import GenEvalReward
+from flowlab.rewards.ocr import OCRReward
+from flowlab.rewards.hps import HPSv2Reward
+from flowlab.rewards.imagereward import ImageRewardReward
+from flowlab.rewards.vlm import VLMJudgeReward
 
 __all__ = [
     "REWARDS",
@@ -44,6 +51,8 @@ __all__ = [
     "coerce_scores",
     "CombinedReward",
     "zscore",
+    "combine_scores",
+    "COMBINE_MODES",
     "AsyncReward",
     "JpegCompressibility",
     "JpegIncompressibility",
@@ -57,4 +66,9 @@ __all__ = [
     "HTTPReward",
     "PythonReward",
     "import_callable",
+    "GenEvalReward",
+    "OCRReward",
+    "HPSv2Reward",
+    "ImageRewardReward",
+    "VLMJudgeReward",
 ]

@@ -20,16 +20,12 @@ Rewards are registered by name with :func:`register_reward` and built from confi
 (``{"name": "digits_classifier", "target": 3}``) with :func:`build_reward`: every other key
 of the spec is a keyword argument of the reward's constructor, checked against its
 annotations, so a misspelt or mistyped option fails at start-up with a
-:class:`~flowlab.train.config.ConfigError` naming ``<key>.<option>``.
+:class:`~flowlab.errors.ConfigError` naming ``<key>.<option>`` (the checks are :func:`flowlab.schema.check_value`, shared with the run config).
 """
 from __future__ import annotations
 
 import abc
-import difflib
 import inspect
-import math
-import os
-import types
 import typing
 from typing import Any, Callable, Mapping, Sequence
 
@@ -38,6 +34,7 @@ import torch
 from torch import Tensor
 
 from flowlab.errors import ConfigError, OptionError, RewardError
+from flowlab.schema import check_value, did_you_mean
 
 __all__ = [
     "RewardFunction",
@@ -260,77 +257,6 @@ def register_reward(name: str, factory: Callable[..., RewardFunction] | None = N
     return _register(factory) if factory is not None else _register
 
 
-def _type_name(tp: Any) -> str:
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _check_option(value: Any, tp: Any, field: str) -> Any:
-    """Check (and lightly coerce: int -> float, YAML's "1e-4" string -> float) one option."""
-    if tp is Any or tp is inspect.Parameter.empty:
-        return value
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _check_option(value, a, field)
-            except OptionError:
-                pass
-        raise OptionError(field, f"expected {' or '.join(_type_name(a) for a in args)}, got {type(value).__name__} {value!r}")
-    if tp is os.PathLike:
-        if isinstance(value, os.PathLike):
-            return value
-        raise OptionError(field, f"expected a path, got {type(value).__name__} {value!r}")
-    if origin in (dict, Mapping) or tp in (dict, Mapping):
-        if not isinstance(value, Mapping):
-            raise OptionError(field, f"expected a mapping, got {type(value).__name__} {value!r}")
-        if args:
-            kt, vt = args
-            return {_check_option(k, kt, field): _check_option(v, vt, f"{field}.{k}") for k, v in value.items()}
-        return dict(value)
-    if origin in (list, Sequence) or tp in (list, Sequence):
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise OptionError(field, f"expected a list, got {type(value).__name__} {value!r}")
-        return [_check_option(v, args[0], f"{field}[{i}]") for i, v in enumerate(value)] if args else value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise OptionError(field, f"expected true or false, got {type(value).__name__} {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise OptionError(field, f"expected an integer, got {type(value).__name__} {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise OptionError(field, f"expected a number, got {type(value).__name__} {value!r}")
-        if not math.isfinite(value):
-            raise OptionError(field, f"expected a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise OptionError(field, f"expected a string, got {type(value).__name__} {value!r}")
-        return value
-    if isinstance(tp, type):
-        if not isinstance(value, tp):
-            raise OptionError(field, f"expected {tp.__name__}, got {type(value).__name__} {value!r}")
-        return value
-    return value
-
-
 def _factory_options(factory: Callable) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
     target = factory.__init__ if isinstance(factory, type) else factory
     sig = inspect.signature(target)
@@ -354,7 +280,7 @@ def build_reward(spec: Mapping[str, Any] | RewardFunction, key: str = "reward") 
         spec: ``{"name": <registered name>, <option>: <value>, ...}``. A ``weight`` key is
             accepted and ignored (it belongs to :func:`build_rewards`). A ready
             :class:`RewardFunction` is returned as is.
-        key: the spec's dotted config path, used in error messages (``nft.rewards[0]``).
+        key: the spec's dotted config path, used in error messages (``rl.rewards[0]``).
 
     Returns:
         The reward.
@@ -372,9 +298,7 @@ def build_reward(spec: Mapping[str, Any] | RewardFunction, key: str = "reward") 
         raise ConfigError(f"{key}.name: missing; choose one of {', '.join(sorted(REWARDS))}")
     name = spec["name"]
     if not isinstance(name, str) or name not in REWARDS:
-        close = difflib.get_close_matches(str(name), list(REWARDS), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"{key}.name: unknown reward {name!r}{hint}; registered rewards: {', '.join(sorted(REWARDS))}")
+        raise ConfigError(f"{key}.name: unknown reward {name!r}{did_you_mean(name, REWARDS)}; registered rewards: {', '.join(sorted(REWARDS))}")
     factory = REWARDS[name]
     params, hints, var_kw = _factory_options(factory)
     kwargs: dict[str, Any] = {}
@@ -387,12 +311,10 @@ def build_reward(spec: Mapping[str, Any] | RewardFunction, key: str = "reward") 
             if var_kw:
                 kwargs[field] = value
                 continue
-            close = difflib.get_close_matches(field, list(params), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
             valid = ", ".join(params) or "none"
-            raise ConfigError(f"{key}.{field}: unknown option for reward {name!r}{hint}; valid options: {valid}")
+            raise ConfigError(f"{key}.{field}: unknown option for reward {name!r}{did_you_mean(field, params)}; valid options: {valid}")
         try:
-            kwargs[field] = _check_option(value, hints.get(field, params[field].annotation), field)
+            kwargs[field] = check_value(value, hints.get(field, params[field].annotation), field)
         except OptionError as e:
             raise ConfigError(f"{key}.{e.field}: {e.message} (reward {name!r})") from None
     missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in kwargs]
@@ -409,7 +331,7 @@ def build_reward(spec: Mapping[str, Any] | RewardFunction, key: str = "reward") 
     return reward
 
 
-def build_rewards(specs: Sequence[Mapping[str, Any]] | Mapping[str, Any], key: str = "rewards") -> RewardFunction:
+def build_rewards(specs: Sequence[Mapping[str, Any]] | Mapping[str, Any], key: str = "rewards", combine: str = "zscore") -> RewardFunction:
     """Build the reward of a config: one spec gives that reward, several a weighted
     :class:`~flowlab.rewards.combined.CombinedReward`.
 
@@ -417,6 +339,8 @@ def build_rewards(specs: Sequence[Mapping[str, Any]] | Mapping[str, Any], key: s
         specs: a list of specs (each as in :func:`build_reward`, with an optional ``weight``,
             default 1.0), or a single spec mapping.
         key: the list's dotted config path; spec ``i`` is reported as ``key[i]``.
+        combine: how several rewards combine: ``zscore`` (default) or ``sum`` (the reference's
+            weighted raw sum); see :mod:`flowlab.rewards.combined`.
 
     Returns:
         The reward; with one spec its ``weight`` is ignored (a single reward's scale is
@@ -439,11 +363,11 @@ def build_rewards(specs: Sequence[Mapping[str, Any]] | Mapping[str, Any], key: s
         reward = build_reward(spec, key=k)
         w = spec.get("weight", 1.0) if isinstance(spec, Mapping) else 1.0
         try:
-            w = _check_option(w, float, "weight")
+            w = check_value(w, float, "weight")
         except OptionError as e:
             raise ConfigError(f"{k}.weight: {e.message}") from None
         rewards.append(reward)
         weights.append(w)
     if len(rewards) == 1:
         return rewards[0]
-    return CombinedReward(rewards, weights)
+    return CombinedReward(rewards, weights, combine=combine)

@@ -33,7 +33,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -42,7 +42,9 @@ from torch import Tensor
 from flowlab.rewards.base import OptionError, RewardError, RewardFunction, coerce_scores, register_reward
 from flowlab.rewards.imaging import encode_png_base64
 
-__all__ = ["HTTPReward", "json_default"]
+__all__ = ["HTTPReward", "HTTPClient", "AttemptError", "parse_json_answer", "json_default"]
+
+T = TypeVar("T")
 
 _RETRYABLE_4XX = {408, 425, 429}
 
@@ -60,13 +62,134 @@ def json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
-class _AttemptError(Exception):
-    """One failed attempt: ``cause`` is a short description, ``retryable`` whether to try again."""
+class AttemptError(Exception):
+    """One failed attempt of :class:`HTTPClient`: ``cause`` is a short description, ``retryable``
+    whether to try again. A response parser raises it for an answer it cannot read."""
 
     def __init__(self, cause: str, retryable: bool = True):
         super().__init__(cause)
         self.cause = cause
         self.retryable = retryable
+
+
+def _check_client_options(url: str, timeout: float, retries: int, backoff: float, backoff_max: float) -> None:
+    if not url.startswith(("http://", "https://")):
+        raise OptionError("url", f"must start with http:// or https://, got {url!r}")
+    if not timeout > 0:
+        raise OptionError("timeout", f"must be positive, got {timeout}")
+    if retries < 0:
+        raise OptionError("retries", f"must be >= 0, got {retries}")
+    if backoff < 0:
+        raise OptionError("backoff", f"must be >= 0, got {backoff}")
+    if backoff_max < 0:
+        raise OptionError("backoff_max", f"must be >= 0, got {backoff_max}")
+
+
+class HTTPClient:
+    """POSTs a body to one URL with timeouts and retries; shared by every reward that talks to a server
+    (:class:`HTTPReward`, the GenEval client, the VLM judge).
+
+    Args:
+        url: the endpoint, ``http://`` or ``https://``.
+        timeout: seconds allowed for connecting and for each read of the answer.
+        retries: extra attempts after the first failure.
+        backoff: the first wait between attempts, in seconds; doubled at every retry.
+        backoff_max: the cap of a single wait.
+        headers: extra HTTP headers sent with every request.
+
+    Raises:
+        OptionError: a URL that is not http(s), a non-positive timeout, negative retries or backoff.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 1.0,
+        backoff_max: float = 30.0,
+        headers: dict[str, str] | None = None,
+    ):
+        _check_client_options(url, timeout, retries, backoff, backoff_max)
+        self.url = url
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.backoff_max = backoff_max
+        self.headers = dict(headers or {})
+        host = (urllib.parse.urlsplit(url).hostname or "").lower()
+        # a proxy from the environment (http_proxy) cannot reach this machine's loopback
+        loopback = host in ("localhost", "::1") or host.startswith("127.")
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if loopback else urllib.request.build_opener()
+
+    def delay(self, retry: int) -> float:
+        """Seconds to wait before retry number ``retry`` (0-based): ``min(backoff·2^retry, backoff_max)``."""
+        return min(self.backoff * math.pow(2.0, retry), self.backoff_max)
+
+    def post(self, body: bytes, parse: Callable[[bytes], T], content_type: str = "application/json", accept: str = "application/json") -> T:
+        """POST ``body`` and return ``parse(answer bytes)``, retrying failed attempts.
+
+        A timeout, a refused or broken connection, an HTTP status >= 500 or 408/425/429, and an
+        :class:`AttemptError` raised by ``parse`` (retryable unless it says otherwise) are retried
+        with exponential backoff; other 4xx statuses are not.
+
+        Raises:
+            RewardError: when the attempts are spent, naming the URL, the attempts and the last cause.
+        """
+        attempts = 0
+        started = time.monotonic()
+        last = "no attempt made"
+        while True:
+            attempts += 1
+            try:
+                return parse(self._attempt(body, content_type, accept))
+            except AttemptError as e:
+                last = e.cause
+                if not e.retryable or attempts > self.retries:
+                    break
+            time.sleep(self.delay(attempts - 1))
+        elapsed = time.monotonic() - started
+        raise RewardError(
+            f"reward server {self.url} failed after {attempts} attempt{'s' if attempts != 1 else ''} in {elapsed:.1f} s "
+            f"(timeout {self.timeout:g} s, retries {self.retries}, backoff {self.backoff:g} s capped at {self.backoff_max:g} s); "
+            f"last error: {last}. Check that the server is running and reachable from this machine, or raise the "
+            f"reward's timeout/retries."
+        )
+
+    def _attempt(self, body: bytes, content_type: str, accept: str) -> bytes:
+        req = urllib.request.Request(self.url, data=body, method="POST", headers={"Content-Type": content_type, "Accept": accept, **self.headers})
+        try:
+            with self._opener.open(req, timeout=self.timeout) as resp:
+                return resp.read()
+        except urllib.error.HTTPError as e:
+            detail = ""
+            try:
+                detail = e.read(300).decode("utf-8", "replace").strip()
+            except Exception:
+                pass
+            retryable = e.code >= 500 or e.code in _RETRYABLE_4XX
+            raise AttemptError(f"HTTP status {e.code} {e.reason}" + (f": {detail}" if detail else ""), retryable) from None
+        except urllib.error.URLError as e:
+            reason = e.reason
+            if isinstance(reason, (socket.timeout, TimeoutError)):
+                raise AttemptError(f"timeout after {self.timeout:g} s") from None
+            if isinstance(reason, ConnectionRefusedError):
+                raise AttemptError("connection refused") from None
+            raise AttemptError(f"connection failed ({reason})") from None
+        except (socket.timeout, TimeoutError):
+            raise AttemptError(f"timeout after {self.timeout:g} s (reading the answer)") from None
+        except (ConnectionError, OSError) as e:  # reset / broken pipe / incomplete read
+            raise AttemptError(f"connection error ({type(e).__name__}: {e})") from None
+
+
+def parse_json_answer(raw: bytes) -> Any:
+    """Decode a JSON answer, as an :class:`AttemptError` (retried) when it is not JSON."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        snippet = raw[:120].decode("utf-8", "replace")
+        raise AttemptError(f"malformed JSON in the answer ({e}); it began with {snippet!r}") from None
 
 
 @register_reward("http")
@@ -95,33 +218,17 @@ class HTTPReward(RewardFunction):
         batch_size: int | None = None,
     ):
         super().__init__()
-        if not url.startswith(("http://", "https://")):
-            raise OptionError("url", f"must start with http:// or https://, got {url!r}")
-        if not timeout > 0:
-            raise OptionError("timeout", f"must be positive, got {timeout}")
-        if retries < 0:
-            raise OptionError("retries", f"must be >= 0, got {retries}")
-        if backoff < 0:
-            raise OptionError("backoff", f"must be >= 0, got {backoff}")
-        if backoff_max < 0:
-            raise OptionError("backoff_max", f"must be >= 0, got {backoff_max}")
+        self.client = HTTPClient(url, timeout=timeout, retries=retries, backoff=backoff, backoff_max=backoff_max, headers=headers)
         if batch_size is not None and batch_size < 1:
             raise OptionError("batch_size", f"must be >= 1, got {batch_size}")
         self.url = url
         self.timeout = timeout
         self.retries = retries
-        self.backoff = backoff
-        self.backoff_max = backoff_max
-        self.headers = dict(headers or {})
         self.batch_size = batch_size
-        host = (urllib.parse.urlsplit(url).hostname or "").lower()
-        # a proxy from the environment (http_proxy) cannot reach this machine's loopback
-        loopback = host in ("localhost", "::1") or host.startswith("127.")
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if loopback else urllib.request.build_opener()
 
     def delay(self, retry: int) -> float:
         """Seconds to wait before retry number ``retry`` (0-based): ``min(backoff·2^retry, backoff_max)``."""
-        return min(self.backoff * math.pow(2.0, retry), self.backoff_max)
+        return self.client.delay(retry)
 
     def score(self, images: Tensor, prompts: list[str] | None, metadata: list[dict] | None) -> tuple[Tensor, dict[str, Any]]:
         n = images.shape[0]
@@ -138,76 +245,26 @@ class HTTPReward(RewardFunction):
                 body = json.dumps(payload, default=json_default, allow_nan=False).encode("utf-8")
             except (TypeError, ValueError) as e:
                 raise ValueError(f"metadata for reward server {self.url} is not JSON-serialisable: {e}") from e
-            scores, info = self._post(body, len(payload["images"]))
+            scores, info = self.client.post(body, lambda raw, k=len(payload["images"]): self._parse(raw, k))
             parts.append(scores)
             if info:
                 server_info = info
         extra = {"server": server_info} if server_info else {}
         return torch.cat(parts), extra
 
-    def _post(self, body: bytes, n: int) -> tuple[Tensor, dict]:
-        attempts = 0
-        started = time.monotonic()
-        last = "no attempt made"
-        while True:
-            attempts += 1
-            try:
-                return self._attempt(body, n)
-            except _AttemptError as e:
-                last = e.cause
-                if not e.retryable or attempts > self.retries:
-                    break
-            time.sleep(self.delay(attempts - 1))
-        elapsed = time.monotonic() - started
-        raise RewardError(
-            f"reward server {self.url} failed after {attempts} attempt{'s' if attempts != 1 else ''} in {elapsed:.1f} s "
-            f"(timeout {self.timeout:g} s, retries {self.retries}, backoff {self.backoff:g} s capped at {self.backoff_max:g} s); "
-            f"last error: {last}. Check that the server is running and reachable from this machine, or raise the "
-            f"reward's timeout/retries."
-        )
-
-    def _attempt(self, body: bytes, n: int) -> tuple[Tensor, dict]:
-        req = urllib.request.Request(
-            self.url, data=body, method="POST", headers={"Content-Type": "application/json", "Accept": "application/json", **self.headers}
-        )
-        try:
-            with self._opener.open(req, timeout=self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            detail = ""
-            try:
-                detail = e.read(300).decode("utf-8", "replace").strip()
-            except Exception:
-                pass
-            retryable = e.code >= 500 or e.code in _RETRYABLE_4XX
-            raise _AttemptError(f"HTTP status {e.code} {e.reason}" + (f": {detail}" if detail else ""), retryable) from None
-        except urllib.error.URLError as e:
-            reason = e.reason
-            if isinstance(reason, (socket.timeout, TimeoutError)):
-                raise _AttemptError(f"timeout after {self.timeout:g} s") from None
-            if isinstance(reason, ConnectionRefusedError):
-                raise _AttemptError("connection refused") from None
-            raise _AttemptError(f"connection failed ({reason})") from None
-        except (socket.timeout, TimeoutError):
-            raise _AttemptError(f"timeout after {self.timeout:g} s (reading the answer)") from None
-        except (ConnectionError, OSError) as e:  # reset / broken pipe / incomplete read
-            raise _AttemptError(f"connection error ({type(e).__name__}: {e})") from None
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            snippet = raw[:120].decode("utf-8", "replace")
-            raise _AttemptError(f"malformed JSON in the answer ({e}); it began with {snippet!r}") from None
+    def _parse(self, raw: bytes, n: int) -> tuple[Tensor, dict]:
+        data = parse_json_answer(raw)
         if not isinstance(data, dict) or "scores" not in data:
-            raise _AttemptError(f"the answer has no 'scores' list (got {str(data)[:120]!r})")
+            raise AttemptError(f"the answer has no 'scores' list (got {str(data)[:120]!r})")
         scores = data["scores"]
         if not isinstance(scores, list):
-            raise _AttemptError(f"'scores' is a {type(scores).__name__}, expected a list of numbers or null")
+            raise AttemptError(f"'scores' is a {type(scores).__name__}, expected a list of numbers or null")
         if len(scores) != n:
-            raise _AttemptError(f"wrong number of scores: sent {n} images, got {len(scores)} scores")
+            raise AttemptError(f"wrong number of scores: sent {n} images, got {len(scores)} scores")
         try:
             t = coerce_scores(scores, n, f"reward server {self.url}")
         except RewardError as e:
-            raise _AttemptError(f"scores are not numbers or null ({e.__cause__ or e})") from None
+            raise AttemptError(f"scores are not numbers or null ({e.__cause__ or e})") from None
         info = data.get("info")
         return t, info if isinstance(info, dict) else {}
 

@@ -1,17 +1,33 @@
-"""Training: config schema, recipe protocol, the accelerate trainer and checkpoints.
+"""The training engine: config core, recipe registry and protocol, the accelerate trainer, checkpoints.
 
-The config schema and recipe protocol are light; the trainer (accelerate, diffusers) is imported
-on first use, so ``from flowlab.train.config import ConfigError`` stays cheap.
+The engine knows no recipe: the built-in ones are registered by :mod:`flowlab.recipes` (the top
+layer); use ``flowlab.load_config`` / ``flowlab.Trainer`` (or import :mod:`flowlab.recipes`) to have
+them. Names are imported on first use, so ``from flowlab.train.config import load_config`` does not
+import torch, and a config error is reported before the training stack is loaded.
 """
-from .config import Config, ConfigError, load_config
-from .recipe import RECIPES, Recipe, StepContext, StepOutput, get_recipe, register_recipe
+from __future__ import annotations
 
-__all__ = ["Config", "ConfigError", "load_config", "Recipe", "RECIPES", "StepContext", "StepOutput", "get_recipe", "register_recipe", "Trainer", "TrainingError"]
+import importlib
+
+_LAZY = {
+    "Config": "config",
+    "ConfigError": "config",
+    "load_config": "config",
+    "RECIPES": "registry",
+    "RecipeSpec": "registry",
+    "register_recipe": "registry",
+    "Recipe": "recipe",
+    "StepContext": "recipe",
+    "StepOutput": "recipe",
+    "get_recipe": "recipe",
+    "Trainer": "trainer",
+    "TrainingError": "trainer",
+}
+
+__all__ = list(_LAZY)
 
 
 def __getattr__(name: str):
-    if name in ("Trainer", "TrainingError"):
-        from . import trainer
-
-        return getattr(trainer, name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,106 +1,39 @@
 """Typed configuration: YAML files plus ``key=value`` overrides, validated before training.
 
-Every section is a dataclass. :func:`load_config` merges a YAML file with dotted
-overrides (``train.max_steps=200``), rejects unknown keys and wrong types with a
-:class:`ConfigError` that names the dotted key, and checks value ranges and choices.
+The core of every run is ``recipe``, ``output_dir``, ``seed``, ``train`` and ``hub``; every other
+section belongs to a recipe, which declares it when it is registered (:mod:`flowlab.train.registry`;
+the built-in recipes are registered by :mod:`flowlab.recipes`). :func:`load_config` merges a YAML file
+with dotted overrides (``train.max_steps=200``) and validates it with :mod:`flowlab.schema`: an
+unknown key, a section the chosen recipe does not read, a wrong type or a value out of range is a
+:class:`ConfigError` that names the dotted key. Validation imports neither torch nor diffusers.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import yaml
 
+from ..errors import ConfigError
+from ..schema import build, choices, did_you_mean
+from .registry import RECIPES, recipe_spec
+
 __all__ = [
     "ConfigError",
     "Config",
-    "DataConfig",
-    "ModelConfig",
-    "FlowConfig",
     "TrainConfig",
     "SampleConfig",
     "EvalConfig",
     "HubConfig",
+    "CORE_SECTIONS",
     "check_hub_config",
     "load_config",
     "config_from_dict",
     "config_to_dict",
     "parse_overrides",
-    "CONFIG_SECTIONS",
-    "register_config_section",
 ]
-
-
-from ..errors import ConfigError
-
-
-def _choices(*values, **kw):
-    return {"choices": values, **kw}
-
-
-@dataclass
-class DataConfig:
-    """``data``: what to train on."""
-
-    name: str = field(default="digits", metadata=_choices("digits", "moons", "8gaussians", "checkerboard", "imagefolder", "hf"))
-    path: Optional[str] = None  # imagefolder: a local folder; hf: a Hub dataset name or local path
-    split: str = "train"
-    image_column: str = "image"
-    label_column: Optional[str] = None
-    resolution: int = field(default=32, metadata={"min": 1})
-    channels: int = field(default=3, metadata=_choices(1, 3))
-    center_crop: bool = True
-    random_flip: bool = False
-    num_samples: int = field(default=20000, metadata={"min": 1})  # 2-D toys
-    num_workers: int = field(default=0, metadata={"min": 0})
-
-
-@dataclass
-class ModelConfig:
-    """``model``: the velocity network."""
-
-    type: str = field(default="mlp", metadata=_choices("mlp", "unet", "dit", "conservative"))  # conservative: v = grad of a scalar MLP
-    class_conditional: bool = False
-    label_dropout: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})
-    attention: str = field(default="sdpa", metadata=_choices("sdpa", "xformers"))
-    pretrained: Optional[str] = None  # a FlowPipeline folder / Hub id to initialise from
-    dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
-    # mlp
-    hidden_dim: int = field(default=256, metadata={"min": 1})
-    depth: int = field(default=4, metadata={"min": 1})
-    time_embed_dim: int = field(default=128, metadata={"min": 2})
-    # unet
-    block_out_channels: list[int] = field(default_factory=lambda: [64, 128])
-    down_block_types: list[str] = field(default_factory=lambda: ["DownBlock2D", "AttnDownBlock2D"])
-    up_block_types: list[str] = field(default_factory=lambda: ["AttnUpBlock2D", "UpBlock2D"])
-    layers_per_block: int = field(default=2, metadata={"min": 1})
-    attention_head_dim: int = field(default=32, metadata={"min": 1})
-    norm_num_groups: int = field(default=32, metadata={"min": 1})
-    # dit
-    num_layers: int = field(default=6, metadata={"min": 1})
-    num_attention_heads: int = field(default=4, metadata={"min": 1})
-    patch_size: int = field(default=2, metadata={"min": 1})
-
-
-@dataclass
-class FlowConfig:
-    """``flow``: the path, parameterisation, time sampler, weighting and coupling."""
-
-    path: str = field(default="linear", metadata=_choices("linear", "cosine", "vp"))
-    prediction_type: str = field(default="velocity", metadata=_choices("velocity", "x1", "epsilon"))
-    time_sampler: str = field(default="uniform", metadata=_choices("uniform", "logit_normal", "mode"))
-    logit_mean: float = 0.0
-    logit_std: float = field(default=1.0, metadata={"min": 1e-6})
-    mode_scale: float = 1.29
-    shift: float = field(default=1.0, metadata={"min": 1e-6})
-    loss_weighting: str = field(default="none", metadata=_choices("none", "sigma_sqrt", "cosmap"))
-    coupling: str = field(default="independent", metadata=_choices("independent", "ot"))
 
 
 @dataclass
@@ -115,12 +48,12 @@ class TrainConfig:
     adam_beta2: float = field(default=0.999, metadata={"min": 0.0, "max": 1.0})
     adam_eps: float = field(default=1e-8, metadata={"min": 0.0})
     lr_scheduler: str = field(
-        default="cosine", metadata=_choices("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+        default="cosine", metadata=choices("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
     )
     warmup_steps: int = field(default=100, metadata={"min": 0})
     grad_accum_steps: int = field(default=1, metadata={"min": 1})
     max_grad_norm: float = field(default=1.0, metadata={"min": 0.0})  # 0 disables clipping
-    mixed_precision: str = field(default="no", metadata=_choices("no", "fp16", "bf16"))
+    mixed_precision: str = field(default="no", metadata=choices("no", "fp16", "bf16"))
     ema_decay: float = field(default=0.999, metadata={"min": 0.0, "max": 1.0})
     checkpoint_every: int = field(default=500, metadata={"min": 0})  # 0: only at the end
     checkpoints_total_limit: int = field(default=2, metadata={"min": 1})
@@ -128,29 +61,24 @@ class TrainConfig:
     overwrite: bool = False  # allow starting afresh in an output_dir that holds another run
     log_every: int = field(default=25, metadata={"min": 1})
     max_nonfinite_steps: int = field(default=20, metadata={"min": 1})
-    report_to: str = field(default="tensorboard", metadata=_choices("tensorboard", "wandb", "none"))
+    report_to: str = field(default="tensorboard", metadata=choices("tensorboard", "wandb", "none"))
 
 
 @dataclass
 class SampleConfig:
-    """``sample``: sampling defaults saved with the pipeline, and periodic sample grids."""
+    """``sample``: when the trainer writes sample grids (every recipe has this section; a recipe
+    that samples with settings of its own extends it, e.g. flow matching's solver)."""
 
-    solver: str = field(default="heun", metadata=_choices("euler", "midpoint", "heun", "multistep", "dopri5"))
-    num_inference_steps: int = field(default=16, metadata={"min": 1})
-    shift: float = field(default=1.0, metadata={"min": 1e-6})
-    guidance_scale: float = 1.0
     every: int = field(default=500, metadata={"min": 0})  # 0: only at the end
     num_images: int = field(default=64, metadata={"min": 1})
 
 
 @dataclass
 class EvalConfig:
-    """``eval``: periodic evaluation (digits: Fréchet distance in a classifier's feature space)."""
+    """``eval``: when the trainer calls the recipe's evaluation (every recipe has this section; a
+    recipe may extend it with settings of its own)."""
 
     every: int = field(default=0, metadata={"min": 0})  # 0: only at the end
-    num_samples: int = field(default=1000, metadata={"min": 2})
-    solver: str = field(default="heun", metadata=_choices("euler", "midpoint", "heun", "multistep", "dopri5"))
-    num_inference_steps: int = field(default=16, metadata={"min": 1})
     enabled: bool = True
 
 
@@ -172,140 +100,81 @@ class HubConfig:
 
 @dataclass
 class Config:
-    """A whole run. ``recipe`` picks the training recipe (``flow_matching``).
+    """A whole run: the core (``recipe``, ``output_dir``, ``seed``, ``train``, ``hub``) and the sections
+    of its recipe, read as attributes (``config.model``, ``config.rl``).
 
-    Recipes may add sections of their own (e.g. ``nft:``) with :func:`register_config_section`;
-    they are validated like the built-in ones and read as attributes (``config.nft``).
+    A section of the recipe that the config did not give reads as its defaults. A section of
+    another recipe is an ``AttributeError`` naming the recipe.
     """
 
     recipe: str = "flow_matching"
     output_dir: str = "runs/default"
     seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})  # numpy's seed range
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    flow: FlowConfig = field(default_factory=FlowConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+    sections: dict[str, Any] = field(default_factory=dict, repr=False)  # the recipe's sections, by name
+
+    def __post_init__(self):
+        spec = RECIPES.get(self.recipe)
+        if spec is not None:  # every section of the recipe, so equal runs compare equal
+            for name, schema in spec.sections.items():
+                if name not in self.sections:
+                    self.sections[name] = schema()
 
     def __getattr__(self, name: str):
-        # only reached when normal lookup fails: recipe-specific sections, defaults if not given
-        if name in CONFIG_SECTIONS:
-            sections = self.__dict__.setdefault("_sections", {})
-            return sections.setdefault(name, CONFIG_SECTIONS[name]())
+        # only reached when normal lookup fails: the recipe's sections
+        if name.startswith("__") or name == "sections":
+            raise AttributeError(name)
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        spec = RECIPES.get(self.__dict__.get("recipe"))
+        if spec is not None and name in spec.sections:
+            return sections.setdefault(name, spec.sections[name]())
+        users = sorted(r for r, s in RECIPES.items() if name in s.sections)
+        if users:
+            raise AttributeError(f"config section {name!r} belongs to recipe {', '.join(users)}, not to recipe {self.recipe!r}")
         raise AttributeError(f"'Config' object has no attribute {name!r}")
 
 
-CONFIG_SECTIONS: dict[str, type] = {}
-
-
-def register_config_section(name: str, cls: type) -> type:
-    """Add a top-level config section ``name`` validated by the dataclass ``cls`` (for recipes)."""
-    if name in {f.name for f in dataclasses.fields(Config)}:
-        raise ValueError(f"config section {name!r} already exists")
-    CONFIG_SECTIONS[name] = cls
-    return cls
+#: The sections every run has, whatever its recipe.
+CORE_SECTIONS = {"train": TrainConfig, "hub": HubConfig}
+_CORE_KEYS = ("recipe", "output_dir", "seed", "train", "hub")
 
 
 # --------------------------------------------------------------------------- validation
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _check_value(value: Any, tp, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _check_value(value, inner[0], key)
-    if origin is list:
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list of {_type_name(args[0])}, got {type(value).__name__} {value!r}")
-        return [_check_value(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is dict or origin is dict:  # free-form mappings (e.g. reward specs), checked by their consumer
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of keys, got {type(value).__name__} {value!r}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {type(value).__name__} {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover
-
-
-def _build(cls, data: Any, prefix: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {type(data).__name__} {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    extra = CONFIG_SECTIONS if cls is Config else {}
-    kwargs, sections = {}, {}
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k in extra:
-            sections[k] = _build(extra[k], v if v is not None else {}, key)
-            continue
-        if k not in fields:
-            close = difflib.get_close_matches(str(k), [*fields, *extra], n=1)
-            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config key '{key}'{hint}; valid keys here: {', '.join([*fields, *extra])}")
-        tp = hints[k]
-        if dataclasses.is_dataclass(tp):
-            kwargs[k] = _build(tp, v if v is not None else {}, key)
-            continue
-        meta = fields[k].metadata
-        if isinstance(v, bool) and {"no", "yes"} & set(meta.get("choices", ())):
-            v = "yes" if v else "no"  # YAML 1.1 reads a bare `no` (e.g. train.mixed_precision=no) as false
-        value = _check_value(v, tp, key)
-        if value is not None:
-            if "choices" in meta and value not in meta["choices"]:
-                raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, meta['choices']))}")
-            if "min" in meta and value < meta["min"]:
-                raise ConfigError(f"{key}: must be >= {meta['min']}, got {value!r}")
-            if "max" in meta and value > meta["max"]:
-                raise ConfigError(f"{key}: must be <= {meta['max']}, got {value!r}")
-        kwargs[k] = value
-    obj = cls(**kwargs)
-    if sections:
-        obj.__dict__["_sections"] = sections
-    return obj
-
-
 def config_from_dict(data: dict) -> Config:
-    """Validate a nested dict into a :class:`Config` (raises :class:`ConfigError`)."""
-    from .recipe import import_builtin_recipes
+    """Validate a nested dict into a :class:`Config` (raises :class:`ConfigError`).
 
-    import_builtin_recipes()  # recipes register their config sections on import
+    The recipe (``data["recipe"]``, default ``flow_matching``) must be registered; its sections
+    are validated with :func:`flowlab.schema.build`, the core keys with the core schema.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping of sections, got {type(data).__name__} {data!r}")
     _reject_hub_token(data)
-    cfg = _build(Config, data, "")
+    recipe = data.get("recipe", "flow_matching")
+    spec = recipe_spec(recipe)
+    sections = dict(spec.sections)
+    core = {k: v for k, v in data.items() if k in _CORE_KEYS}
+    given: dict[str, Any] = {}
+    for k, v in data.items():
+        if k in _CORE_KEYS:
+            continue
+        if k in sections:
+            given[k] = build(sections[k], v, k, siblings=sections)
+            continue
+        owners = sorted(r for r, s in RECIPES.items() if k in s.sections)
+        if owners:
+            raise ConfigError(
+                f"{k}: section of recipe {', '.join(owners)}; recipe {recipe!r} does not read it "
+                f"(its sections: {', '.join([*_CORE_KEYS[3:], *sections])})"
+            )
+        valid = [*_CORE_KEYS, *sections]
+        raise ConfigError(f"unknown config key '{k}'{did_you_mean(k, valid)}; valid keys here: {', '.join(valid)}")
+    cfg = build(Config, core, "", extra=sections, siblings=sections)
+    cfg.sections.update(given)  # the others hold their defaults (Config.__post_init__)
     _cross_checks(cfg)
     return cfg
 
@@ -316,10 +185,10 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(f"output_dir: {cfg.output_dir!r} is a file, not a folder")
     if t.resume is not None and t.resume != "latest" and not os.path.isdir(t.resume):
         raise ConfigError(f"train.resume: {t.resume!r} is neither 'latest' nor an existing checkpoint folder")
-    if cfg.data.name in ("imagefolder", "hf") and not cfg.data.path:
-        raise ConfigError(f"data.path: required when data.name={cfg.data.name!r} (a folder of images or a dataset name)")
-    if cfg.model.type in ("mlp", "conservative") and cfg.model.attention == "xformers":
-        raise ConfigError(f"model.attention: xformers applies to attention models (unet, dit); model.type={cfg.model.type} has no attention")
+    for name, section in cfg.sections.items():
+        check = getattr(section, "check", None)
+        if callable(check):  # a section's own checks across its keys (raises ConfigError)
+            check(cfg)
 
 
 def _reject_hub_token(data: Any) -> None:
@@ -337,7 +206,9 @@ def check_hub_config(cfg: Config) -> None:
     """Start-up checks of the ``hub`` section for a run that will push (raises :class:`ConfigError`).
 
     Called by the command line before training (not by :func:`config_from_dict`: these checks
-    relate keys to each other and to the Hub's naming rules, which matter only to a run that pushes).
+    relate keys to each other, to the Hub's naming rules and to the machine's login, which matter
+    only to a run that pushes). A run that will push needs a token (``HF_TOKEN`` or the cached
+    ``hf auth login``) now, not after training.
     """
     h = cfg.hub
     if h.push and not h.repo_id:
@@ -349,13 +220,28 @@ def check_hub_config(cfg: Config) -> None:
             validate_repo_id(h.repo_id)
         except HFValidationError as e:
             raise ConfigError(f"hub.repo_id: {h.repo_id!r} is not a valid Hub repo id ('user/name'): {e}") from None
+    if h.push:
+        from huggingface_hub import get_token
+
+        if not get_token():  # HF_TOKEN, or the token cached by `hf auth login`
+            raise ConfigError(
+                "hub.push: true needs a Hugging Face token, and none was found: set the HF_TOKEN environment variable "
+                "or log in once with `hf auth login`, or set hub.push=false (then publish later with `flowlab push`)"
+            )
 
 
 def config_to_dict(cfg: Config) -> dict:
-    """The config as a nested dict, with the recipe sections it was given or has read."""
-    out = dataclasses.asdict(cfg)
-    for name, section in cfg.__dict__.get("_sections", {}).items():
-        out[name] = dataclasses.asdict(section)
+    """The config as a nested dict: the core keys, then every section of the recipe, then ``train`` and ``hub``.
+
+    :func:`config_from_dict` of the result gives back an equal config (the run's ``config.yaml``).
+    """
+    out: dict[str, Any] = {"recipe": cfg.recipe, "output_dir": cfg.output_dir, "seed": cfg.seed}
+    spec = RECIPES.get(cfg.recipe)
+    for name in [*(spec.sections if spec else ()), *cfg.sections]:  # the recipe's order
+        if name not in out:
+            out[name] = dataclasses.asdict(getattr(cfg, name))
+    out["train"] = dataclasses.asdict(cfg.train)
+    out["hub"] = dataclasses.asdict(cfg.hub)
     return out
 
 

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from .config import Config
+from .registry import RECIPES, recipe_class, register_recipe
 
-__all__ = ["StepContext", "StepOutput", "Recipe", "RECIPES", "register_recipe", "get_recipe", "import_builtin_recipes", "BUILTIN_RECIPE_MODULES"]
+__all__ = ["StepContext", "StepOutput", "Recipe", "DataSectionRecipe", "RECIPES", "register_recipe", "get_recipe"]
 
 
 @dataclass
@@ -68,7 +69,8 @@ class StepOutput:
 
 
 class Recipe(ABC):
-    """A training method. Subclasses build the data and model and compute the loss of one step."""
+    """A training method. Subclasses build the data and model and compute the loss of one step
+    (``training_step``, or :meth:`training_losses` for a loss in parts)."""
 
     name: str = "recipe"
     artifact_name: str = "pipeline"  # folder under output_dir that save_final writes
@@ -77,9 +79,19 @@ class Recipe(ABC):
         self.config = config
 
     def prepare(self) -> None:
-        """Work to do once before training starts and before accelerate is set up (e.g. an RL recipe
-        training its missing base model). Construction itself stays cheap: tools build recipes from
-        configs just to read their attributes."""
+        """Work to do once before training starts and before accelerate is set up. Construction itself
+        stays cheap: tools build recipes from configs just to read their attributes. A run that needs
+        another run first says so in :meth:`prerequisites`; the engine never trains one itself."""
+
+    def prerequisites(self) -> list[Config]:
+        """Configs of runs that must be trained before this one (e.g. an RL recipe's missing base
+        model). The top layer (:func:`flowlab.recipes.train`, the command line) trains them first."""
+        return []
+
+    @property
+    def num_workers(self) -> int:
+        """DataLoader worker processes for :meth:`build_dataset`'s dataset (0: the main process)."""
+        return 0
 
     @abstractmethod
     def build_dataset(self) -> Dataset:
@@ -93,9 +105,18 @@ class Recipe(ABC):
         """Parameters handed to the optimiser."""
         return [p for p in model.parameters() if p.requires_grad]
 
-    @abstractmethod
-    def training_step(self, model: nn.Module, batch: dict, ctx: StepContext) -> StepOutput:
-        """Loss of one micro-batch (this process's part of it)."""
+    #: ``training_step(model, batch, ctx) -> StepOutput``: the loss of one micro-batch (this process's
+    #: part of it). A single-loss recipe defines this; a recipe whose loss comes in parts defines
+    #: :meth:`training_losses` instead (one of the two is required).
+    training_step: Callable[[nn.Module, dict, StepContext], StepOutput]
+
+    def __new__(cls, *args, **kwargs):
+        if cls.training_losses is Recipe.training_losses and not callable(getattr(cls, "training_step", None)):
+            raise TypeError(
+                f"recipe {cls.__name__} defines neither training_step (one loss per micro-batch) nor "
+                "training_losses (a loss in parts); define one of them"
+            )
+        return super().__new__(cls)
 
     # Optional hooks for recipes whose loss is a sum of independent local losses (e.g. NoProp's blocks).
     # The defaults keep the ordinary single-loss, data-parallel behaviour.
@@ -106,13 +127,16 @@ class Recipe(ABC):
     #: evaluation, checkpoints and the final save.
     data_parallel: bool = True
 
-    def training_losses(self, model: nn.Module, batch: dict, ctx: StepContext) -> Iterator[StepOutput]:
-        """Losses of one micro-batch, each back-propagated by the trainer as soon as it is yielded
-        (before the next one is computed), so only one part's activations are alive at a time.
-        Gradients of all parts accumulate into one optimiser step. Default: :meth:`training_step`.
+    def training_losses(self, model: nn.Module, batch: dict, ctx: StepContext) -> Iterable[StepOutput]:
+        """Losses of one micro-batch: what the trainer calls. Each part is back-propagated as soon as
+        it is produced (before the next one is computed, e.g. by a generator), so only one part's
+        activations are alive at a time; gradients of all parts accumulate into one optimiser step.
         Several parts are meant for ``data_parallel = False`` recipes (a DDP-wrapped model expects one
-        backward per forward of the wrapper)."""
-        yield self.training_step(model, batch, ctx)
+        backward per forward of the wrapper).
+
+        Default: the one loss of ``training_step``, as a one-element tuple (no generator round trip
+        for the common single-loss step)."""
+        return (self.training_step(model, batch, ctx),)
 
     def parameter_owners(self, model: nn.Module, num_processes: int) -> dict[str, int] | None:
         """For ``data_parallel = False``: the process that trains each named parameter / buffer of the
@@ -149,42 +173,19 @@ class Recipe(ABC):
         return {}
 
 
-RECIPES: dict[str, type[Recipe]] = {}
+class DataSectionRecipe(Recipe):
+    """A recipe that trains on the dataset named by its ``data`` section (:func:`flowlab.data.build_dataset`)."""
 
+    def build_dataset(self) -> Dataset:
+        from ..data import build_dataset
 
-def register_recipe(name: str):
-    """Class decorator adding a recipe to the registry under ``name`` (the config's ``recipe:``)."""
+        return build_dataset(self.config.data, self.config.seed)
 
-    def deco(cls):
-        cls.name = name
-        RECIPES[name] = cls
-        return cls
-
-    return deco
-
-
-# Modules that define built-in recipes (imported on demand: each registers its recipe and any
-# config section of its own). A new recipe adds its module here.
-BUILTIN_RECIPE_MODULES = [
-    "flowlab.train.flow_matching",
-    "flowlab.noprop.recipe",
-    "flowlab.nft.recipe",
-    "flowlab.jepa.recipe",
-]
-
-
-def import_builtin_recipes() -> None:
-    import importlib
-
-    for name in BUILTIN_RECIPE_MODULES:
-        importlib.import_module(name)
+    @property
+    def num_workers(self) -> int:
+        return getattr(self.config.data, "num_workers", 0)  # image datasets only; the others are in memory
 
 
 def get_recipe(config: Config) -> Recipe:
-    import_builtin_recipes()
-
-    if config.recipe not in RECIPES:
-        from .config import ConfigError
-
-        raise ConfigError(f"recipe: unknown recipe {config.recipe!r}; available: {', '.join(sorted(RECIPES))}")
-    return RECIPES[config.recipe](config)
+    """The recipe object of ``config`` (its class is imported now, from the registry)."""
+    return recipe_class(config.recipe)(config)

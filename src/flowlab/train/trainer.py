@@ -3,8 +3,15 @@
 Responsibilities: process/device set-up (logged at start), deterministic data order and
 per-step randomness, gradient accumulation (``no_sync`` on all but the last micro-step),
 mixed precision, clipping, EMA, warm-up + LR schedule, non-finite loss handling,
-atomic checkpoints with ``accelerator.save_state`` and exact resume, trackers,
-``metrics.jsonl``, sample grids and periodic evaluation, and the final artefact.
+atomic checkpoints with ``accelerator.save_state`` and exact resume, a checkpoint and a clean
+stop on SIGINT/SIGTERM (:mod:`~flowlab.train.interrupt`), trackers, periodic samples and
+evaluation, and the final artefact. What it delegates: how processes share a step
+(:mod:`~flowlab.train.strategy`: data-parallel or parameter-owning), the run folder and
+``metrics.jsonl`` (:mod:`~flowlab.train.run_folder`), the EMA (:mod:`~flowlab.train.ema`) and the
+checkpoint files (:mod:`~flowlab.train.checkpoint`).
+
+Each micro-step goes through the recipe's :meth:`~flowlab.train.recipe.Recipe.training_losses`,
+one part at a time: forward, backward, free its graph, next part.
 
 ``train.batch_size`` is the *global* batch per optimiser step: each of ``P`` processes
 gets ``batch_size / (P * grad_accum_steps)`` examples per micro-step, so a run gives the
@@ -14,11 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
-import math
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -27,33 +33,36 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..errors import TrainingError
-from ..fileio import atomic_write_text
-from ..hub.card_data import REPO_ID, write_card_data
+from ..card_data import REPO_ID, write_card_data
+from ..errors import TrainingError, TrainingInterrupted
 from .checkpoint import (
     CHECKPOINT_PREFIX,
     CheckpointError,
     finalize_checkpoint,
     find_resume_checkpoint,
-    list_checkpoints,
     prune_checkpoints,
     replace_dir_atomic,
     verify_checkpoint,
     write_error_message,
 )
 from .config import Config, ConfigError, config_to_dict
-from .images import save_sample_grid
+from .ema import InPlaceEMA
+from .interrupt import StopSignals
 from .recipe import Recipe, StepContext
+from .run_folder import RunFolder
+from .strategy import make_strategy
 
-__all__ = ["Trainer", "TrainingError"]
+__all__ = ["Trainer", "TrainingError", "TrainingInterrupted"]
 
 logger = logging.getLogger("flowlab")
 
 
+def _count(n: int) -> str:
+    """A parameter count for the banner: ``3.81M`` from 10,000 on, the exact number below."""
+    return f"{n / 1e6:.2f}M" if n >= 10_000 else str(n)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -162,6 +171,23 @@ def _check_sharded_setup(acc: Accelerator, t, micro_local: int) -> None:
         ds["train_batch_size"] = micro_local * acc.num_processes
 
 
+def _cache_lomo_probe() -> None:
+    """Answer accelerate's ``is_lomo_available()`` from a cache for the rest of the process.
+
+    ``AcceleratedOptimizer.step`` calls it twice per optimiser step, and each call is an uncached
+    ``importlib.util.find_spec("lomo_optim")``: a file-system search of ``sys.path`` (~0.18 ms here).
+    Whether a package is importable does not change while a run trains, so caching the answer
+    changes nothing but the time. Installed once, on accelerate's optimizer module only.
+    """
+    import functools
+
+    import accelerate.optimizer
+
+    probe = accelerate.optimizer.is_lomo_available
+    if not hasattr(probe, "cache_info"):
+        accelerate.optimizer.is_lomo_available = functools.cache(probe)
+
+
 class Trainer:
     """Train ``recipe`` as configured by ``config``.
 
@@ -194,6 +220,7 @@ class Trainer:
                 project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
             )
         self.accelerator = accelerator
+        _cache_lomo_probe()
         P = accelerator.num_processes
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if world > 1 and P == 1:
@@ -202,10 +229,9 @@ class Trainer:
                 "single process, so they would train separately and overwrite each other's output. On a CPU-only "
                 "machine launch with: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N train.py ..."
             )
-        # Data-parallel recipes split each micro-batch across processes; the others (see
-        # Recipe.data_parallel) give every process the whole batch and split the parameters instead.
-        self.shard = self.recipe.data_parallel or P == 1
-        shards = P if self.shard else 1
+        self.strategy = make_strategy(self.recipe, accelerator)
+        self.run = RunFolder(self.output_dir, accelerator.is_main_process, self.recipe.artifact_name)
+        shards = self.strategy.num_shards
         if t.batch_size % (shards * t.grad_accum_steps):
             raise ConfigError(
                 f"train.batch_size: the global batch {t.batch_size} must be divisible by processes ({P}) x "
@@ -213,55 +239,35 @@ class Trainer:
             )
         self.micro_global = t.batch_size // t.grad_accum_steps
         self.micro_local = self.micro_global // shards
-        self.data_rank = accelerator.process_index if self.shard else 0
-        self._log_window: torch.Tensor | None = None
+        self.data_rank = self.strategy.data_rank
         self._resumed_window: list[float] | None = None
+        self._config_pending = False
         _check_sharded_setup(accelerator, t, self.micro_local)
 
     # ------------------------------------------------------------------ set-up
     def _prepare_output_dir(self) -> None:
-        t = self.config.train
-        acc = self.accelerator
-        has_run = bool(list_checkpoints(self.ckpt_dir)) or (self.output_dir / "metrics.jsonl").exists()
-        if has_run and t.resume is None:
-            if not t.overwrite:
-                raise ConfigError(
-                    f"output_dir: {self.output_dir} already holds a run (checkpoints or metrics.jsonl). "
-                    "Continue it with train.resume=latest, start afresh with train.overwrite=true, "
-                    "or choose another output_dir."
-                )
-            if acc.is_main_process:
-                for name in ("checkpoints", "samples", "logs", "pipeline", "metrics.jsonl"):
-                    p = self.output_dir / name
-                    if p.is_dir():
-                        shutil.rmtree(p)
-                    elif p.exists():
-                        p.unlink()
+        t, acc = self.config.train, self.accelerator
+        has_run = self.run.holds_run()
+        self.run.check_start(t.resume, t.overwrite)
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "samples").mkdir(exist_ok=True)
-            self.ckpt_dir.mkdir(exist_ok=True)
+        self.run.create()
         # resuming a run: keep its config.yaml until the checkpoint has loaded under this config
         self._config_pending = has_run and t.resume is not None
         if not self._config_pending:
-            self._write_config()
+            self.run.write_config(self.config)
         acc.wait_for_everyone()
 
-    def _write_config(self) -> None:
-        if self.accelerator.is_main_process:
-            import yaml
-
-            with open(self.output_dir / "config.yaml", "w") as f:
-                yaml.safe_dump(config_to_dict(self.config), f, sort_keys=False)
-        self._config_pending = False
+    def _write_pending_config(self) -> None:
+        if self._config_pending:
+            self.run.write_config(self.config)
+            self._config_pending = False
 
     def _build(self) -> None:
         cfg, t, acc = self.config, self.config.train, self.accelerator
         set_seed(cfg.seed)
         self.dataset = self.recipe.build_dataset()
         if len(self.dataset) == 0:
-            raise ConfigError(f"data: the dataset {cfg.data.name!r} is empty")
+            raise ConfigError(f"data: the training dataset of recipe {cfg.recipe!r} is empty")
         model = self.recipe.build_model(self.dataset)
         params = self.recipe.parameters(model)
         optimizer = torch.optim.AdamW(
@@ -272,24 +278,15 @@ class Trainer:
         self.lr_scheduler = get_scheduler(
             t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps
         )
-        if self.recipe.data_parallel:
-            self.model, self.optimizer = acc.prepare(model, optimizer)
-        else:  # not wrapped for data parallelism: no gradient all-reduce
-            self.model, self.optimizer = model.to(acc.device), acc.prepare(optimizer)
+        self.model, self.optimizer = self.strategy.prepare(model, optimizer, self.recipe)
         # EMA over the trained parameters only (frozen ones, e.g. a LoRA base or an RL recipe's
         # old-policy copy, would only cost memory); `_ema_mask` says which of the unwrapped model's
         # parameters the shadow list follows.
         self._ema_mask = [p.requires_grad for p in acc.unwrap_model(self.model).parameters()]
-        self.ema = EMAModel(self._ema_params(self.model), decay=t.ema_decay, foreach=True)
+        self.ema = InPlaceEMA(self._ema_params(self.model), decay=t.ema_decay)
         self.ema.to(acc.device)
-        acc.register_for_checkpointing(self.lr_scheduler, self.ema)
-        if not self.recipe.data_parallel:
-            acc.register_for_checkpointing(self.model)
-        self._owners = None
-        if not self.recipe.data_parallel and acc.num_processes > 1:
-            self._owners = self.recipe.parameter_owners(acc.unwrap_model(self.model), acc.num_processes)
+        acc.register_for_checkpointing(self.lr_scheduler, self.ema, *self.strategy.checkpointed_modules(self.model))
         self._clip_groups = self.recipe.grad_clip_groups(acc.unwrap_model(self.model))
-        self._single_loss = type(self.recipe).training_losses is Recipe.training_losses
         self._ema_copy = None
         self.stream = _IndexStream(len(self.dataset), cfg.seed)
         self.in_memory = hasattr(self.dataset, "get_batch")
@@ -301,21 +298,8 @@ class Trainer:
         return [p for p, keep in zip(params, self._ema_mask) if keep == tracked]
 
     def _sync_owned(self) -> None:
-        """Parameter-owning recipes (``data_parallel = False``): broadcast each parameter, its EMA and each
-        buffer from the process that trains it, so every process holds the whole trained model."""
-        if self._owners is None:
-            return
-        import torch.distributed as dist
-
-        model = self.accelerator.unwrap_model(self.model)
-        shadows = iter(self.ema.shadow_params)
-        for (name, p), tracked in zip(model.named_parameters(), self._ema_mask):
-            src = self._owners.get(name, 0)
-            dist.broadcast(p.data, src=src)
-            if tracked:
-                dist.broadcast(next(shadows).data, src=src)
-        for name, b in model.named_buffers():
-            dist.broadcast(b.data, src=self._owners.get(name, 0))
+        """Every process holds the whole trained model and EMA (parameter-owning training broadcasts them)."""
+        self.strategy.sync_owned(self.accelerator.unwrap_model(self.model), self.ema.shadow_params, self._ema_mask)
 
     def ema_model(self) -> torch.nn.Module:
         """A copy of the unwrapped model holding the EMA weights (for sampling, evaluation, saving)."""
@@ -331,14 +315,16 @@ class Trainer:
 
     def _log_startup(self) -> None:
         acc, t = self.accelerator, self.config.train
-        n_params = sum(p.numel() for p in acc.unwrap_model(self.model).parameters())
+        model = acc.unwrap_model(self.model)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        # frozen copies (an RL recipe's old policy and reference, a LoRA base) are not what is trained
+        params = f"{_count(trainable)} trainable" + (f" + {_count(frozen)} frozen" if frozen else "") + " params"
         acc.print(
             f"flowlab: recipe={self.config.recipe} | {acc.num_processes} process(es) "
             f"[{acc.distributed_type.value}] on {acc.device} | mixed precision {acc.mixed_precision} | "
-            + (f"global batch {t.batch_size} = {acc.num_processes} x {self.micro_local} x {t.grad_accum_steps} accum | " if self.shard else
-               f"global batch {t.batch_size} = {self.micro_local} x {t.grad_accum_steps} accum on every process, parameters split across processes | ")
-            + f"{len(self.dataset)} examples | {type(acc.unwrap_model(self.model)).__name__} {n_params / 1e6:.2f}M params | "
-            f"output {self.output_dir}"
+            f"{self.strategy.describe_batch(t.batch_size, self.micro_local, t.grad_accum_steps)} | "
+            f"{len(self.dataset)} examples | {type(model).__name__} {params} | output {self.output_dir}"
         )
 
     # ------------------------------------------------------------------ data
@@ -356,7 +342,7 @@ class Trainer:
     def _batches(self, start_step: int):
         """Yield ``(step, micro, batch)`` from ``start_step`` on; uses worker processes when asked."""
         t = self.config.train
-        workers = self.config.data.num_workers
+        workers = self.recipe.num_workers
         if self.in_memory or workers == 0:
             step = start_step
             while True:
@@ -377,7 +363,15 @@ class Trainer:
         return StepContext(step, micro, g, self.config.train.batch_size, start, start + self.micro_local, self.accelerator.device)
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, step: int) -> Path:
+    def save_checkpoint(self, step: int, log_window: torch.Tensor | None = None) -> Path:
+        """Save an atomic checkpoint of ``step`` (a collective call: every process calls it).
+
+        Args:
+            step: optimiser steps done.
+            log_window: ``(4,)`` float64, this process's log window in progress (loss sum, steps,
+                skipped steps, last grad norm), so that a resumed run logs the numbers an
+                uninterrupted one would even between two log steps. ``None``: an empty window.
+        """
         acc = self.accelerator
         self._sync_owned()
         final = self.ckpt_dir / f"{CHECKPOINT_PREFIX}{step}"
@@ -387,13 +381,8 @@ class Trainer:
         acc.wait_for_everyone()
         try:
             acc.save_state(str(tmp))
-            if self._owners is not None:
-                # parameters split across processes: each process's optimiser holds the state of its own
-                # parameters only, and accelerate saves process 0's; keep every process's part
-                torch.save(self.optimizer.state_dict(), tmp / f"optimizer_rank{acc.process_index}.bin")
-            # the log window in progress (loss sum, steps, skipped steps, last grad norm) of every process, so
-            # a resumed run logs the same numbers as an uninterrupted one even between two log steps
-            window = self._log_window if self._log_window is not None else torch.zeros(4, dtype=torch.float64)
+            self.strategy.save_optimizer_state(self.optimizer, tmp)
+            window = log_window if log_window is not None else torch.zeros(4, dtype=torch.float64)
             windows = acc.gather(window.to(acc.device, torch.float64)[None]).cpu().tolist()
             acc.wait_for_everyone()
             if acc.is_main_process:
@@ -416,8 +405,8 @@ class Trainer:
             found = find_resume_checkpoint(self.ckpt_dir)
             if found is None:
                 acc.print(f"flowlab: train.resume=latest but {self.ckpt_dir} has no valid checkpoint; starting from step 0")
-                if getattr(self, "_config_pending", False):
-                    self._write_config()
+                self._write_pending_config()
+                self.run.trim_metrics(0)  # what a run stopped before its first checkpoint logged is re-done
                 return 0
             path, state = found
         else:
@@ -432,46 +421,17 @@ class Trainer:
             acc.load_state(str(path))
         except (RuntimeError, ValueError, KeyError) as e:  # shapes / parameter groups of another model
             raise ConfigError(_resume_mismatch(path, state, self.config, e)) from None
-        if self._owners is not None:
-            part = Path(path) / f"optimizer_rank{acc.process_index}.bin"
-            if not part.is_file():
-                raise ConfigError(
-                    f"train.resume: {path} holds no optimiser state for process {acc.process_index} ({part.name}); "
-                    f"it was written by a run with another number of processes than {acc.num_processes}"
-                )
-            self.optimizer.load_state_dict(torch.load(part, map_location="cpu", weights_only=True))  # moved to the parameters by load_state_dict
-        if getattr(self, "_config_pending", False):
-            self._write_config()
+        self.strategy.load_optimizer_state(self.optimizer, Path(path))
+        self._write_pending_config()
         windows = state.get("log_window")
         if isinstance(windows, list) and len(windows) == acc.num_processes:
             self._resumed_window = [float(v) for v in windows[acc.process_index]]
         step = int(state["step"])
         acc.print(f"flowlab: resumed from {path} at step {step}")
-        if acc.is_main_process:
-            self._trim_metrics(step)
+        self.run.trim_metrics(step)
         return step
 
-    def _trim_metrics(self, step: int) -> None:
-        """Drop metrics logged after ``step`` by an interrupted run, so the file reads as one run."""
-        path = self.output_dir / "metrics.jsonl"
-        if not path.exists():
-            return
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by the kill
-        atomic_write_text(path, "".join(line + "\n" for line in keep))
-
     # ------------------------------------------------------------------ logging
-    def _write_metrics(self, record: dict) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        with open(self.output_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-
     def _sample_and_eval(self, step: int, sample: bool, evaluate: bool) -> dict:
         acc, cfg = self.accelerator, self.config
         out: dict = {}
@@ -483,12 +443,12 @@ class Trainer:
                 g = torch.Generator().manual_seed(cfg.seed)
                 imgs = self.recipe.sample_images(model, cfg.sample.num_images, g)
                 if imgs is not None:
-                    save_sample_grid(imgs, self.output_dir / "samples" / f"step_{step:07d}.png")
+                    self.run.save_samples(imgs, step)
             if evaluate and cfg.eval.enabled:
                 g = torch.Generator().manual_seed(cfg.seed + 1)
                 out = {f"eval/{k}": v for k, v in self.recipe.evaluate(model, g).items()}
                 if out:
-                    self._write_metrics({"step": step, **out})
+                    self.run.append_metrics({"step": step, **out})
                     scalars = {k: v for k, v in out.items() if isinstance(v, (int, float))}
                     if scalars:
                         acc.log(scalars, step=step)
@@ -498,15 +458,30 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
-        """Run training to ``train.max_steps``; returns the final evaluation numbers."""
+        """Run training to ``train.max_steps``; returns the final evaluation numbers.
+
+        Raises:
+            TrainingInterrupted: on SIGINT or SIGTERM, after a checkpoint of the last whole step was
+                saved (``train.resume=latest`` continues exactly from it).
+        """
         cfg, t, acc = self.config, self.config.train, self.accelerator
         self._prepare_output_dir()
         self._build()
         self._log_startup()
-        step = self._resume()
-        if acc.is_main_process and t.report_to != "none":
-            acc.init_trackers("flowlab", config=_flatten(config_to_dict(cfg)))
-        model, optimizer = self.model, self.optimizer
+        with StopSignals() as signals:
+            step = self._resume()
+            if acc.is_main_process and t.report_to != "none":
+                acc.init_trackers("flowlab", config=_flatten(config_to_dict(cfg)))
+            self._loop(step, signals)
+        final = self._finish()
+        acc.end_training()
+        return final
+
+    def _loop(self, step: int, signals: StopSignals) -> None:
+        """Optimiser steps from ``step`` to ``train.max_steps``, with logging, samples, evaluation and
+        checkpoints; stops at a step boundary once any process has received SIGINT/SIGTERM."""
+        cfg, t, acc = self.config, self.config.train, self.accelerator
+        model, optimizer, strategy = self.model, self.optimizer, self.strategy
         model.train()
         nonfinite_run, window_loss, window_n, window_skipped = 0, torch.zeros((), device=acc.device), 0, 0
         grad_norm = torch.zeros((), device=acc.device)
@@ -526,38 +501,29 @@ class Trainer:
                 _, _, batch = next(batches)
                 ctx = self._context(step, micro)
                 last = micro == t.grad_accum_steps - 1
-                sync = (lambda: contextlib.nullcontext()) if last else (lambda: acc.no_sync(model))
-                if self._single_loss:  # the common case: one loss per micro-step, no generator round trip
-                    parts = iter((None,))
-                else:
-                    parts = self.recipe.training_losses(model, batch, ctx)
+                sync = contextlib.nullcontext if last else (lambda: acc.no_sync(model))
+                # Recipe.training_losses, one part at a time: forward (under no_sync and autocast),
+                # backward, free its graph, then the next part. A single-loss recipe's one part is
+                # computed by the call itself.
+                with sync(), acc.autocast():
+                    parts = iter(self.recipe.training_losses(model, batch, ctx))
                 part_index = 0
-                while True:  # one part at a time: forward, backward, free its graph (Recipe.training_losses)
+                while True:
                     with sync(), acc.autocast():
-                        out = next(parts, False)
-                        if out is None:
-                            out = self.recipe.training_step(model, batch, ctx)
-                        elif out is False:
-                            out = None
+                        out = next(parts, None)
                     if out is None:
                         break
-                    loss = out.loss
-                    ok = torch.isfinite(loss.detach()).float()
-                    if acc.num_processes > 1 and self.shard:
-                        ok = acc.reduce(ok, reduction="mean")
-                    if ok.item() < 1.0:
+                    if not strategy.part_is_finite(out.loss):
                         finite = False
                         break
                     with sync():
-                        acc.backward(loss / t.grad_accum_steps)
-                    step_loss += loss.detach() / t.grad_accum_steps
+                        acc.backward(out.loss / t.grad_accum_steps)
+                    step_loss += out.loss.detach() / t.grad_accum_steps
                     extra_logs = {**(extra_logs if part_index else {}), **out.logs}  # all parts' logs
                     part_index += 1
                 if not finite:
                     break
-            if acc.num_processes > 1 and not self.shard:  # parts differ per process: agree once per step
-                finite = acc.reduce(torch.tensor(float(finite), device=acc.device), reduction="mean").item() == 1.0
-            if finite:
+            if strategy.step_is_finite(finite):
                 if t.max_grad_norm > 0 and self._clip_groups is not None:
                     acc.unscale_gradients()
                     norms = [torch.nn.utils.clip_grad_norm_(g, t.max_grad_norm) for g in self._clip_groups if g]
@@ -578,7 +544,7 @@ class Trainer:
                 nonfinite_run += 1
                 window_skipped += 1
                 acc.print(f"flowlab: non-finite loss at step {step}; step skipped ({nonfinite_run} in a row)")
-                self._write_metrics({"step": step, "nonfinite_loss": True})
+                self.run.append_metrics({"step": step, "nonfinite_loss": True})
                 if nonfinite_run >= t.max_nonfinite_steps:
                     raise TrainingError(
                         f"{nonfinite_run} non-finite losses in a row (train.max_nonfinite_steps={t.max_nonfinite_steps}); "
@@ -591,8 +557,8 @@ class Trainer:
 
             if step % t.log_every == 0 or step == t.max_steps:
                 elapsed = time.perf_counter() - window_start
-                # parameter-owning recipes: each process's loss covers its own parameters, so they add up
-                mean_loss = acc.reduce(window_loss / max(window_n, 1), reduction="mean" if self.shard else "sum").item()
+                # parameter-owning training: each process's loss covers its own parameters, so they add up
+                mean_loss = acc.reduce(window_loss / max(window_n, 1), reduction=strategy.loss_reduction).item()
                 record = {
                     "step": step,
                     "loss": mean_loss,
@@ -604,7 +570,7 @@ class Trainer:
                 }
                 for k, v in extra_logs.items():
                     record[k] = float(v)
-                self._write_metrics(record)
+                self.run.append_metrics(record)
                 acc.log({k: v for k, v in record.items() if k != "step"}, step=step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
                 window_loss.zero_()
@@ -616,15 +582,22 @@ class Trainer:
             eval_now = done or (cfg.eval.every > 0 and step % cfg.eval.every == 0)
             if sample_now or eval_now:
                 self._sample_and_eval(step, sample_now, eval_now)
-            if done or (t.checkpoint_every > 0 and step % t.checkpoint_every == 0):
-                self._log_window = torch.tensor([float(window_loss), window_n, window_skipped, float(grad_norm)], dtype=torch.float64)
-                self.save_checkpoint(step)
+            checkpoint_now = done or (t.checkpoint_every > 0 and step % t.checkpoint_every == 0)
+            stop = 0 if done else signals.agreed(acc)
+            if checkpoint_now or stop:
+                window = torch.tensor([float(window_loss), window_n, window_skipped, float(grad_norm)], dtype=torch.float64)
+                saved = self.save_checkpoint(step, window)
+            if stop:
+                bar.close()
+                acc.end_training()
+                name = signal.Signals(stop).name
+                raise TrainingInterrupted(
+                    f"stopped by {name} after step {step} of {t.max_steps}; saved {saved}. "
+                    "Continue with train.resume=latest.", stop, step,
+                )
             if sample_now or eval_now or done:
                 window_start = time.perf_counter()  # keep throughput a measure of training alone
         bar.close()
-        final = self._finish()
-        acc.end_training()
-        return final
 
     def _finish(self) -> dict:
         acc = self.accelerator
@@ -647,14 +620,4 @@ class Trainer:
                 write_card_data(self.output_dir, self.recipe.card_data(REPO_ID), recipe=self.recipe.name, artifact=self.recipe.artifact_name)
                 acc.print(f"flowlab: saved {final_dir}")
         acc.wait_for_everyone()
-        return self._last_eval()
-
-    def _last_eval(self) -> dict:
-        path = self.output_dir / "metrics.jsonl"
-        last: dict = {}
-        if self.accelerator.is_main_process and path.exists():
-            for line in path.read_text().splitlines():
-                rec = json.loads(line)
-                if any(k.startswith("eval/") for k in rec):
-                    last = rec
-        return last
+        return self.run.last_eval()

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from ..errors import HubError
-from ..fileio import atomic_write_json
+from .errors import HubError
+from .fileio import atomic_write_json
 
 __all__ = [
     "CARD_DATA_FILE",

@@ -4,13 +4,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..data import build_dataset
-from ..flow import FlowMatchingLoss, build_coupling, build_time_sampler, get_path
-from ..hub.card_data import flow_pipeline_card_data, looks_like_repo_id
-from ..models import MODEL_TYPES, set_attention_backend
-from ..pipelines import FlowPipeline, FlowScheduler
-from .config import Config, ConfigError
-from .recipe import Recipe, StepContext, StepOutput, register_recipe
+from ...errors import ConfigError
+from ...flow import FlowMatchingLoss, build_coupling, build_time_sampler, get_path
+from ...card_data import flow_pipeline_card_data, looks_like_repo_id
+from ...models import MODEL_TYPES, set_attention_backend
+from ...pipelines import FlowPipeline, FlowScheduler
+from ...train.config import Config
+from ...train.recipe import DataSectionRecipe, StepContext, StepOutput
 
 __all__ = ["FlowMatchingRecipe", "build_velocity_model", "build_scheduler"]
 
@@ -36,7 +36,8 @@ def build_velocity_model(config: Config, sample_shape: tuple[int, ...], num_clas
             f"model: cannot build model.type={m.type} for samples of shape {tuple(sample_shape)} "
             f"from the model.* settings: {' '.join(str(e).split())}"
         ) from None
-    set_attention_backend(model, m.attention)
+    if hasattr(m, "attention"):  # unet, dit (an MLP has no attention)
+        set_attention_backend(model, m.attention)
     return model
 
 
@@ -72,8 +73,7 @@ def build_scheduler(config: Config) -> FlowScheduler:
     )
 
 
-@register_recipe("flow_matching")
-class FlowMatchingRecipe(Recipe):
+class FlowMatchingRecipe(DataSectionRecipe):
     """Conditional flow matching (``recipe: flow_matching``).
 
     Class-conditional models (``model.class_conditional: true``) are trained with label
@@ -93,8 +93,7 @@ class FlowMatchingRecipe(Recipe):
         self.scheduler = build_scheduler(config)
         self.num_classes = 0
 
-    def build_dataset(self):
-        return build_dataset(self.config.data, self.config.seed)
+    name = "flow_matching"
 
     def build_model(self, dataset):
         if self.config.model.class_conditional:
@@ -141,7 +140,7 @@ class FlowMatchingRecipe(Recipe):
         e = cfg.eval
         name = cfg.data.name
         if name == "digits":
-            from ..metrics.digits import DigitsEvaluator
+            from ...metrics.digits import DigitsEvaluator
 
             samples = torch.cat(
                 [self._sample(model, min(500, e.num_samples - i), generator, e.solver, e.num_inference_steps) for i in range(0, e.num_samples, 500)]
@@ -149,8 +148,8 @@ class FlowMatchingRecipe(Recipe):
             res = DigitsEvaluator.load().evaluate(samples, value_range="unit")
             return {k: res[k] for k in ("fd", "floor", "confidence")} | {"class_hist": res["class_hist"]}
         if self.kind == "vector" and self.sample_shape == (2,):
-            from ..data import sample_toy2d
-            from ..metrics.vectors import sliced_wasserstein
+            from ...data import sample_toy2d
+            from ...metrics.vectors import sliced_wasserstein
 
             samples = self._sample(model, e.num_samples, generator, e.solver, e.num_inference_steps)
             ref = sample_toy2d(name, e.num_samples, seed=cfg.seed + 12345)
