@@ -63,18 +63,9 @@ def evaluate_run(run_dir: str, max_queries: int | None = None) -> tuple[str, dic
 
 def train_all(workdir: str, overrides: list[str], keys: list[str]) -> dict[str, tuple[str, float]]:
     """Train the shipped configs through the shared Trainer; ``{key: (run_dir, seconds)}``."""
-    from flowlab.recipes import Trainer, load_config
+    from flowlab.recipes import train_benchmark_runs
 
-    runs = {}
-    for key in keys:
-        out = os.path.join(workdir, f"reversal_{key}")
-        cfg = load_config(os.path.join(ROOT, "configs", CONFIGS[key]),
-                          [f"output_dir={out}", "train.overwrite=true", "train.report_to=none",
-                           "eval.enabled=false", *overrides])  # evaluated once, below
-        t0 = time.perf_counter()
-        Trainer(cfg).train()
-        runs[key] = (out, time.perf_counter() - t0)
-    return runs
+    return train_benchmark_runs({k: os.path.join(ROOT, "configs", CONFIGS[k]) for k in keys}, workdir, "reversal", overrides)
 
 
 def format_table(results: dict, seconds: dict | None = None) -> str:

@@ -18,12 +18,14 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 def tiny_overrides(output_dir, *extra):
     """A digits run small enough for tests: tiny MLP, few steps, no trackers.
 
-    Keys a run would refuse are left out: the MLP sizes when ``extra`` picks another ``model.type``,
+    Keys a run would refuse are left out: the MLP sizes when ``extra`` picks another ``model.type`` or the
+    run reads no ``model`` section,
     and the flow-matching sampler settings for another ``recipe`` (``extra`` still wins over the rest).
     """
     chosen = dict(item.split("=", 1) for item in extra if "=" in item)
     recipe = chosen.get("recipe", "flow_matching")
-    mlp = chosen.get("model.type", "mlp") in ("mlp", "conservative")
+    reads_model = recipe == "flow_matching" or chosen.get("noprop.backbone") == "model"  # NoProp's paper blocks ignore `model`
+    mlp = reads_model and chosen.get("model.type", "mlp") in ("mlp", "conservative")
     return [
         f"output_dir={output_dir}",
         "data.name=digits",

@@ -611,3 +611,18 @@ def test_rl_prerequisite_is_the_base_run_and_the_engine_does_not_train_it(tmp_pa
     assert not (tmp_path / "base").exists()
     not_a_path = load_config(os.path.join(ROOT, "configs", "nft_digits.yaml"), ["rl.base=some-hub-model"])
     assert get_recipe(not_a_path).prerequisites() == []  # only a local path (with a separator) is trained
+
+
+def test_a_section_the_run_ignores_is_refused_and_not_saved(tmp_path):
+    """NoProp's paper blocks do not read `model:`: giving it is an error, and the saved config leaves it out."""
+    from flowlab.recipes import load_config
+    from flowlab.train.config import config_from_dict, config_to_dict
+
+    with pytest.raises(ConfigError, match=r"^model: this run ignores the section \(noprop.backbone=paper"):
+        load_config("configs/noprop_dt_digits.yaml", ["model.type=unet", f"output_dir={tmp_path}"])
+    cfg = load_config("configs/noprop_dt_digits.yaml", [f"output_dir={tmp_path}"])
+    saved = config_to_dict(cfg)
+    assert "model" not in saved and "noprop" in saved
+    assert config_to_dict(config_from_dict(saved)) == saved
+    with_model = load_config("configs/noprop_dt_digits.yaml", ["noprop.backbone=model", "model.type=unet", f"output_dir={tmp_path}"])
+    assert "model" in config_to_dict(with_model)

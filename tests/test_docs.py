@@ -57,7 +57,7 @@ def python_blocks(path: Path) -> list[Block]:
 
 
 def _train(config: str, output_dir: Path, *overrides: str) -> None:
-    from flowlab.train import Trainer, load_config
+    from flowlab.recipes import Trainer, load_config
 
     Trainer(load_config(str(REPO / "configs" / config), [f"output_dir={output_dir}", "train.report_to=none", *overrides])).train()
 

@@ -60,6 +60,8 @@ __all__ = [
     "generate_text_reversal",
     "write_jsonl",
     "read_jsonl",
+    "write_fact_splits",
+    "read_fact_split",
     "build_word_level_tokenizer",
     "text_facts_to_records",
     "text_facts_from_records",
@@ -284,13 +286,33 @@ def write_reversal_data(data: ReversalData, directory: str | os.PathLike) -> Pat
     write_jsonl(d / "entities.jsonl", (
         {"id": e, "group": data.entity_group[e], "name": data.entity_name(e)} for e in range(data.num_entities)
     ))
+    write_fact_splits(data, d)
+    return d
+
+
+def write_fact_splits(data: ReversalData, directory: Path) -> None:
+    """One ``<split>.jsonl`` per split of ``data``: ``{"head", "relation", "tail"}`` (entity ids, the relation's
+    name) plus readable ``head_name`` / ``tail_name``."""
     for split, facts in data.splits.items():
-        write_jsonl(d / f"{split}.jsonl", (
+        write_jsonl(directory / f"{split}.jsonl", (
             {"head": f.head, "relation": data.relation_names[f.relation], "tail": f.tail,
              "head_name": data.entity_name(f.head), "tail_name": data.entity_name(f.tail)}
             for f in facts
         ))
-    return d
+
+
+def read_fact_split(path: Path, relation_names: Sequence[str]) -> list[Fact]:
+    """The facts of one ``<split>.jsonl`` written by :func:`write_fact_splits` (:class:`DataError` naming the
+    file and line of a missing file or an unknown relation)."""
+    if not path.is_file():
+        raise DataError(f"{path}: not found")
+    rel_index = {r: i for i, r in enumerate(relation_names)}
+    facts = []
+    for i, rec in enumerate(read_jsonl(path), 1):
+        if rec["relation"] not in rel_index:
+            raise DataError(f"{path}: line {i} has unknown relation {rec['relation']!r}")
+        facts.append(Fact(int(rec["head"]), rel_index[rec["relation"]], int(rec["tail"])))
+    return facts
 
 
 def read_reversal_data(directory: str | os.PathLike) -> ReversalData:
@@ -303,7 +325,6 @@ def read_reversal_data(directory: str | os.PathLike) -> ReversalData:
     vocab = meta["vocab"]
     index = {t: i for i, t in enumerate(vocab)}
     relation_names = meta["relation_names"]
-    rel_index = {r: i for i, r in enumerate(relation_names)}
     entities = read_jsonl(d / "entities.jsonl")
     entity_tokens, groups = [], []
     for i, rec in enumerate(entities):
@@ -314,17 +335,7 @@ def read_reversal_data(directory: str | os.PathLike) -> ReversalData:
         except KeyError as e:
             raise DataError(f"{d / 'entities.jsonl'}: line {i + 1} uses token {e.args[0]!r} not in meta.json's vocab") from None
         groups.append(rec["group"])
-    splits = {}
-    for split in SPLITS:
-        path = d / f"{split}.jsonl"
-        if not path.is_file():
-            raise DataError(f"{path}: not found")
-        facts = []
-        for i, rec in enumerate(read_jsonl(path), 1):
-            if rec["relation"] not in rel_index:
-                raise DataError(f"{path}: line {i} has unknown relation {rec['relation']!r}")
-            facts.append(Fact(int(rec["head"]), rel_index[rec["relation"]], int(rec["tail"])))
-        splits[split] = facts
+    splits = {split: read_fact_split(d / f"{split}.jsonl", relation_names) for split in SPLITS}
     return ReversalData(
         spec=ReversalSpec(**meta["spec"]),
         vocab=vocab,

@@ -30,6 +30,8 @@ from ..data.reversal import (
 from ..errors import ConfigError
 from ..train.config import Config
 from ..train.recipe import Recipe, StepContext, StepOutput
+from ..data.forward_chaining import ForwardChainingData, write_forward_chaining_data
+from .chain import build_chain_data, concept_regression_loss, evaluate_forward_chaining
 from .metrics import ranking_metrics
 from .models import JEPAConceptModel, JEPAConfig, ReversalGPT2, ReversalGPT2Config
 
@@ -46,7 +48,10 @@ EVAL_SPLITS = ("seen", "forward", "reverse")
 
 
 def build_reversal_data(config: Config) -> ReversalData:
-    """The run's dataset: read from ``reversal.data_dir`` or generated from the ``reversal.*`` sizes."""
+    """The run's dataset: read from ``reversal.data_dir`` or generated from the ``reversal.*`` sizes
+    (the forward-chaining data of ``chain:`` when ``chain.enabled``)."""
+    if config.chain.enabled:
+        return build_chain_data(config)
     r = config.reversal
     if r.data_dir is not None:
         if not os.path.isdir(r.data_dir):
@@ -114,11 +119,16 @@ class _ReversalRecipe(Recipe):
         return extract_model_from_parallel(model)
 
     def evaluate(self, model, generator) -> dict:
+        if isinstance(self.data, ForwardChainingData):
+            return evaluate_forward_chaining(self._unwrap(model), self.data, self.config.chain.eval_max_queries)
         return evaluate_reversal(self._unwrap(model), self.data, self.config.reversal.eval_max_queries)
 
     def save_final(self, model, directory: str) -> None:
         self._unwrap(model).save_pretrained(directory)
-        write_reversal_data(self.data, Path(directory) / "data")
+        if isinstance(self.data, ForwardChainingData):
+            write_forward_chaining_data(self.data, Path(directory) / "data")
+        else:
+            write_reversal_data(self.data, Path(directory) / "data")
 
     #: the model class ``card_data`` names in its usage snippet, and the card's Hub task
     model_class = "JEPAConceptModel"
@@ -219,4 +229,9 @@ class ReversalJEPARecipe(_ReversalRecipe):
             neg, neg_r = _gather(torch.cat([h, t])), _gather(r)
         out = model(h, r, t, negatives=neg, negative_relations=neg_r)
         acc = (out.logits.argmax(-1) == torch.searchsorted(torch.unique(torch.cat([h, t, neg])), t.contiguous())).float().mean()
-        return StepOutput(loss=out.loss, logs={"train_accuracy": acc.detach()})
+        weight = self.config.chain.regression_weight if self.config.chain.enabled else 0.0
+        if weight == 0.0:
+            return StepOutput(loss=out.loss, logs={"train_accuracy": acc.detach()})
+        regression = concept_regression_loss(self._unwrap(model), h, r, t)
+        return StepOutput(loss=out.loss + weight * regression,
+                          logs={"train_accuracy": acc.detach(), "concept_regression": regression.detach()})

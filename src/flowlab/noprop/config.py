@@ -46,6 +46,10 @@ class NoPropConfig:
     eval_max_examples: int = field(default=10000, metadata={"min": 1})
     fm_endpoint_ce: Optional[float] = field(default=None, metadata={"min": 0.0})  # None: 1.0 for learned embeddings, else 0
 
+    def ignored_sections(self, config) -> dict[str, str]:
+        """``noprop.backbone: paper`` builds the paper's own blocks: the ``model`` section is not read."""
+        return {"model": "noprop.backbone=paper builds the paper's own blocks; set noprop.backbone=model to use it"} if self.backbone == "paper" else {}
+
     def check(self, config) -> None:
         """``model.*`` is read only with ``noprop.backbone: model``, and must then be an image backbone."""
         if self.backbone == "model" and config.model.type not in BACKBONE_MODEL_TYPES:

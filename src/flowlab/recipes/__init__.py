@@ -31,9 +31,10 @@ from ..train.config import Config, config_from_dict, config_to_dict, load_config
 from ..train.registry import RECIPES, recipe_class, register_recipe
 from .flow_matching.config import DATA_CONFIG, MODEL_CONFIG, FlowConfig
 from .flow_matching.config import SECTIONS as _FLOW_MATCHING_SECTIONS
+from .chain_config import ChainConfig
 from .reversal_config import ReversalConfig
 
-__all__ = ["RECIPES", "load_config", "config_from_dict", "config_to_dict", "get_recipe", "train", "Trainer", "Config"]
+__all__ = ["RECIPES", "load_config", "config_from_dict", "config_to_dict", "get_recipe", "train", "train_benchmark_runs", "Trainer", "Config"]
 
 
 def _flow_matching():
@@ -78,8 +79,8 @@ register_recipe("flow_matching", _FLOW_MATCHING_SECTIONS, _flow_matching)
 register_recipe("noprop", {"data": DATA_CONFIG, "model": MODEL_CONFIG, "noprop": NoPropConfig}, _noprop)
 register_recipe("nft", {"rl": RL_CONFIG, "nft": NFTConfig, "flow": FlowConfig}, _nft)
 register_recipe("flowgrpo", {"rl": RL_CONFIG, "grpo": GRPOConfig}, _flowgrpo)
-register_recipe("reversal_ar", {"reversal": ReversalConfig}, _reversal_ar)
-register_recipe("reversal_jepa", {"reversal": ReversalConfig}, _reversal_jepa)
+register_recipe("reversal_ar", {"reversal": ReversalConfig, "chain": ChainConfig}, _reversal_ar)
+register_recipe("reversal_jepa", {"reversal": ReversalConfig, "chain": ChainConfig}, _reversal_jepa)
 
 
 def get_recipe(config: Config):
@@ -101,6 +102,22 @@ def train(config: Config, *, log=print) -> str:
         train(pre, log=log)
     Trainer(config, recipe=recipe).train()
     return os.fspath(config.output_dir)
+
+
+def train_benchmark_runs(configs: dict[str, str], workdir: str, prefix: str, overrides: list[str] = ()) -> dict[str, tuple[str, float]]:
+    """Train several config files for a benchmark script, each in ``<workdir>/<prefix>_<key>`` (overwritten,
+    no trackers, no periodic evaluation: the script evaluates once at the end). ``configs`` maps a key to a
+    YAML path; ``overrides`` apply to every run. Returns ``{key: (output_dir, seconds)}``."""
+    import time
+
+    runs = {}
+    for key, path in configs.items():
+        out = os.path.join(workdir, f"{prefix}_{key}")
+        cfg = load_config(path, [f"output_dir={out}", "train.overwrite=true", "train.report_to=none", "eval.enabled=false", *overrides])
+        t0 = time.perf_counter()
+        train(cfg)
+        runs[key] = (out, time.perf_counter() - t0)
+    return runs
 
 
 def __getattr__(name: str):

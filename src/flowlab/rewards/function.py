@@ -11,13 +11,13 @@ called with ``(images, prompts, metadata)``: a way to load a model once.
 """
 from __future__ import annotations
 
-import difflib
 import importlib
 from typing import Any, Callable
 
 from torch import Tensor
 
 from flowlab.rewards.base import OptionError, RewardError, RewardFunction, register_reward
+from flowlab.schema import did_you_mean
 
 __all__ = ["PythonReward", "import_callable"]
 
@@ -47,9 +47,7 @@ def import_callable(spec: str, field: str = "function") -> Callable:
     walked = module_name
     for part in attr.split("."):
         if not hasattr(obj, part):
-            names = [n for n in dir(obj) if not n.startswith("_")]
-            close = difflib.get_close_matches(part, names, n=3)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            hint = did_you_mean(part, [n for n in dir(obj) if not n.startswith("_")])
             raise OptionError(field, f"{walked!r} has no attribute {part!r} (from {spec!r}){hint}")
         obj = getattr(obj, part)
         walked = f"{walked}.{part}"
