@@ -4,15 +4,14 @@ Light on purpose (no torch): :mod:`flowlab.recipes` registers these sections so 
 validated before the training stack is imported. ``recipe: nft`` reads ``rl``, ``nft`` and
 ``flow`` (the time sampler of ``nft.timesteps: sampled``); ``recipe: flowgrpo`` reads ``rl`` and ``grpo``. ``rl`` is a tagged union on ``rl.pipeline``: each
 kind of policy has its own settings, and validates them itself (a flowlab pipeline takes
-``rl.class_labels``, an SD3 pipeline ``rl.prompts``), so no key is accepted and then ignored.
+``rl.class_labels``, the text-to-image pipelines ``sd3``, ``flux`` and ``sd_unet`` ``rl.prompts``), so no
+key is accepted and then ignored.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar, Optional
 
 from ..errors import ConfigError, DataError
 from ..schema import TaggedUnion, choices
@@ -23,7 +22,7 @@ if TYPE_CHECKING:
 #: The forms of :mod:`flowlab.data.prompts` (``PROMPT_FORMATS``; not imported here: this module stays torch-free).
 PROMPT_FORMATS = ("auto", "txt", "jsonl", "hf")
 
-__all__ = ["FlowlabRLConfig", "SD3RLConfig", "RL_CONFIG", "NFTConfig", "GRPOConfig", "RL_SOLVERS"]
+__all__ = ["FlowlabRLConfig", "SD3RLConfig", "FluxRLConfig", "SDUNetRLConfig", "RL_CONFIG", "NFTConfig", "GRPOConfig", "RL_SOLVERS"]
 
 #: ODE solvers for rollouts and evaluation (fixed-step: the RL losses need the sampler's grid).
 RL_SOLVERS = ("euler", "midpoint", "heun", "multistep")
@@ -109,17 +108,19 @@ class FlowlabRLConfig(_RLConfig):
 
 
 @dataclass(kw_only=True)
-class SD3RLConfig(_RLConfig):
-    """``rl.pipeline: sd3``: a diffusers Stable Diffusion 3 pipeline, conditioned on prompts.
+class _PromptRLConfig(_RLConfig):
+    """Keys of a diffusers text-to-image ``rl.pipeline``, conditioned on prompts.
 
     Prompts come from ``rl.prompts`` (a list) and/or ``rl.prompts_file``, in any form of
     :mod:`flowlab.data.prompts` (``.txt``; ``.jsonl`` whose other fields are per-prompt reward
     metadata; a Hugging Face dataset by Hub name or folder, with ``prompts_split`` / ``prompts_column``).
     The held-out evaluation set (``rl.eval_prompts`` / ``rl.eval_prompts_file``, same forms) is
     scored every ``eval.every`` steps; without one, evaluation draws from the training prompts.
+
+    Subclasses name the family's diffusers classes (for the model card): ``pipeline_class``, the
+    denoiser's ``network_class`` and its subfolder ``network_name``, and a Hub ``family_tag``.
     """
 
-    pipeline: str = field(default="sd3", metadata=choices("sd3"))
     prompts: list[str] = field(default_factory=list)
     prompts_file: Optional[str] = None  # .txt / .jsonl / a dataset (see flowlab.data.prompts)
     prompts_format: str = field(default="auto", metadata=choices(*PROMPT_FORMATS))
@@ -132,31 +133,32 @@ class SD3RLConfig(_RLConfig):
     eval_prompts_column: Optional[str] = None  # default: prompts_column
     eval_max_prompts: int = field(default=0, metadata={"min": 0})  # the first N held-out prompts (0: all)
     resolution: int = field(default=512, metadata={"min": 8})
-    max_sequence_length: int = field(default=77, metadata={"min": 1})
-    cache_prompt_embeddings: bool = False  # encode the fixed prompt sets once, then free the text encoders
+
+    pipeline_class: ClassVar[str]
+    network_class: ClassVar[str]
+    network_name: ClassVar[str] = "transformer"
+    family_tag: ClassVar[str]
 
     def check(self, config) -> None:
         super().check(config)
         if not (self.prompts or self.prompts_file):
-            raise ConfigError("rl.prompts: an sd3 pipeline needs prompts (rl.prompts or rl.prompts_file)")
+            raise ConfigError(f"rl.prompts: an {self.pipeline} pipeline needs prompts (rl.prompts or rl.prompts_file)")
 
     def card_data(self, repo_id: str) -> dict:
-        """Model-card fields: a LoRA loads into the base pipeline; a full fine-tune replaces its transformer."""
+        """Model-card fields: a LoRA loads into the base pipeline; a full fine-tune replaces its denoiser."""
         from ..card_data import looks_like_repo_id
 
         base = self.base if looks_like_repo_id(self.base) else "<base model repo id>"
+        pipe, net, name = self.pipeline_class, self.network_class, self.network_name
         if self.lora_rank > 0:
-            usage = (
-                f'from diffusers import StableDiffusion3Pipeline\npipe = StableDiffusion3Pipeline.from_pretrained("{base}")\n'
-                f'pipe.load_lora_weights("{repo_id}")'
-            )
+            usage = f'from diffusers import {pipe}\npipe = {pipe}.from_pretrained("{base}")\npipe.load_lora_weights("{repo_id}")'
         else:
             usage = (
-                "from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline\n"
-                f'transformer = SD3Transformer2DModel.from_pretrained("{repo_id}", subfolder="transformer")\n'
-                f'pipe = StableDiffusion3Pipeline.from_pretrained("{base}", transformer=transformer)'
+                f"from diffusers import {net}, {pipe}\n"
+                f'{name} = {net}.from_pretrained("{repo_id}", subfolder="{name}")\n'
+                f'pipe = {pipe}.from_pretrained("{base}", {name}={name})'
             )
-        tags = ["text-to-image", "stable-diffusion-3"] + (["lora"] if self.lora_rank > 0 else [])
+        tags = ["text-to-image", self.family_tag] + (["lora"] if self.lora_rank > 0 else [])
         return {"usage": usage, "tags": tags, "pipeline_tag": "text-to-image"}
 
     def conditions(self) -> list:
@@ -195,7 +197,49 @@ def _join(listed: list[str], key: str, path: Optional[str], format: str, split: 
     return PromptSet(prompts, metadata, source=path or key.replace("_file", ""))
 
 
-RL_CONFIG = TaggedUnion(name="rl", tag="pipeline", variants={"flowlab": FlowlabRLConfig, "sd3": SD3RLConfig}, default="flowlab")
+@dataclass(kw_only=True)
+class SD3RLConfig(_PromptRLConfig):
+    """``rl.pipeline: sd3``: a diffusers Stable Diffusion 3 pipeline, conditioned on prompts."""
+
+    pipeline: str = field(default="sd3", metadata=choices("sd3"))
+    max_sequence_length: int = field(default=77, metadata={"min": 1})  # T5 tokens
+    cache_prompt_embeddings: bool = False  # encode the fixed prompt sets once, then free the text encoders
+
+    pipeline_class: ClassVar[str] = "StableDiffusion3Pipeline"
+    network_class: ClassVar[str] = "SD3Transformer2DModel"
+    family_tag: ClassVar[str] = "stable-diffusion-3"
+
+
+@dataclass(kw_only=True)
+class FluxRLConfig(_PromptRLConfig):
+    """``rl.pipeline: flux``: FLUX.1 dev / schnell (:class:`flowlab.families.FluxAdapter`). ``rl.guidance_scale``
+    is FLUX.1-dev's guidance *embedding* (every velocity, rollouts and training); 1.0 for schnell."""
+
+    pipeline: str = field(default="flux", metadata=choices("flux"))
+    max_sequence_length: int = field(default=512, metadata={"min": 1})  # T5 tokens (schnell: at most 256)
+
+    pipeline_class: ClassVar[str] = "FluxPipeline"
+    network_class: ClassVar[str] = "FluxTransformer2DModel"
+    family_tag: ClassVar[str] = "flux"
+
+
+@dataclass(kw_only=True)
+class SDUNetRLConfig(_PromptRLConfig):
+    """``rl.pipeline: sd_unet``: SD1.5 / SD2.1 / SDXL (:class:`flowlab.families.UNetAdapter`); training uses
+    the conditional velocity, ``rl.guidance_scale`` is classifier-free guidance in the rollouts."""
+
+    pipeline: str = field(default="sd_unet", metadata=choices("sd_unet"))
+
+    pipeline_class: ClassVar[str] = "DiffusionPipeline"
+    network_class: ClassVar[str] = "UNet2DConditionModel"
+    network_name: ClassVar[str] = "unet"
+    family_tag: ClassVar[str] = "stable-diffusion"
+
+
+RL_CONFIG = TaggedUnion(
+    name="rl", tag="pipeline", default="flowlab",
+    variants={"flowlab": FlowlabRLConfig, "sd3": SD3RLConfig, "flux": FluxRLConfig, "sd_unet": SDUNetRLConfig},
+)
 
 
 @dataclass

@@ -44,7 +44,7 @@ from ..train.config import Config, load_config
 from ..train.recipe import Recipe, StepContext, StepOutput
 from .advantages import group_advantages, optimality_probability
 from .losses import grpo_loss, nft_loss
-from .config import FlowlabRLConfig, GRPOConfig, NFTConfig, SD3RLConfig
+from .config import FlowlabRLConfig, FluxRLConfig, GRPOConfig, NFTConfig, SD3RLConfig, SDUNetRLConfig
 from .memory import SavedActivationMeter, static_memory
 from .policy import FlowPolicy, LoraSpec, Policy
 
@@ -222,6 +222,23 @@ class RLRecipe(Recipe):
         self._memory_logs["memory/prompt_cache_gb"] = size / 2**30
         PartialState().print(f"flowlab rl: cached the embeddings of {len(set(prompts))} prompts ({size / 2**30:.3f} GB, CPU); text encoders moved to the CPU")
 
+    def _flux_policy(self, rl: FluxRLConfig) -> Policy:
+        """``rl.pipeline: flux``: FLUX.1 through :class:`~flowlab.families.FluxAdapter` (guidance embedding ``rl.guidance_scale``)."""
+        from ..families.flux import FluxAdapter
+        from .family_policy import FluxPolicy
+
+        return FluxPolicy.from_pretrained(
+            rl.base, lora=self._lora(FluxAdapter.default_lora_targets), reference=self.needs_reference,
+            resolution=rl.resolution, max_sequence_length=rl.max_sequence_length, guidance_scale=rl.guidance_scale,
+        )
+
+    def _sd_unet_policy(self, rl: SDUNetRLConfig) -> Policy:
+        """``rl.pipeline: sd_unet``: an SD1.5/2.1/SDXL UNet through :class:`~flowlab.families.UNetAdapter` (CFG in rollouts)."""
+        from ..families.unet import UNetAdapter
+        from .family_policy import FamilyPolicy
+
+        adapter = UNetAdapter.from_pretrained(rl.base, key="rl.base", resolution=rl.resolution, guidance_scale=rl.guidance_scale)
+        return FamilyPolicy(adapter, lora=self._lora(UNetAdapter.default_lora_targets), reference=self.needs_reference)
 
     def _flowlab_policy(self, rl: FlowlabRLConfig) -> Policy:
         """``rl.pipeline: flowlab``: a FlowPipeline's velocity model; ``rl.class_labels`` must be its classes."""
@@ -694,4 +711,7 @@ def _slice_cond(cond, i: int, j: int):
 
 
 #: How each kind of ``rl`` settings builds its policy.
-_POLICY_BUILDERS = {FlowlabRLConfig: RLRecipe._flowlab_policy, SD3RLConfig: RLRecipe._sd3_policy}
+_POLICY_BUILDERS = {
+    FlowlabRLConfig: RLRecipe._flowlab_policy, SD3RLConfig: RLRecipe._sd3_policy,
+    FluxRLConfig: RLRecipe._flux_policy, SDUNetRLConfig: RLRecipe._sd_unet_policy,
+}

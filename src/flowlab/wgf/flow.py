@@ -26,7 +26,7 @@ model and its path and offers
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -141,6 +141,34 @@ class ProbabilityFlow:
         field = pipe.velocity_field(class_labels, guidance_scale)  # converts to velocity, clamps t
         t_range = (0.0, 1.0) if pipe.scheduler.config.prediction_type == "velocity" else (PREDICTION_T_EPS, 1 - PREDICTION_T_EPS)
         return cls(field, pipe.scheduler.path, "velocity", t_range=t_range)
+
+    @classmethod
+    def from_family(cls, adapter, prompts: Sequence[str | None], guidance_scale: float | None = None) -> "ProbabilityFlow":
+        """A diffusers model family with text conditioning (:class:`flowlab.families.FamilyAdapter`,
+        e.g. ``UNetAdapter`` for SD1.5/2.1/SDXL, ``FluxAdapter`` for FLUX.1).
+
+        Args:
+            adapter: the family adapter (components, path, prediction type, guidance).
+            prompts: one prompt for every sample, or one per sample (sample ``i`` takes prompt
+                ``i % len(prompts)``, so batches tiled by the diagnostics keep their prompts);
+                encoded once, through the adapter's cache.
+            guidance_scale: classifier-free guidance against the negative prompt (SD UNets) or the
+                guidance embedding (FLUX.1-dev); ``None``: the adapter's default; ``1.0``: none (CFG).
+
+        The flow works on the family's *unpacked* latents ``(B, *adapter.sample_shape)``; decode
+        samples with ``adapter.decode``. Example::
+
+            adapter = UNetAdapter.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
+            flow = ProbabilityFlow.from_family(adapter, ["a photo of a cat"], guidance_scale=7.5)
+            x = flow.sample(torch.randn(4, *adapter.sample_shape), num_inference_steps=25, solver="multistep").x
+            images = adapter.decode(x)
+        """
+        cond = adapter.encode(list(prompts))
+
+        def predict(x: Tensor, t: Tensor) -> Tensor:
+            return adapter.predict(x, t, cond, guidance_scale)
+
+        return cls(predict, adapter.path, adapter.prediction_type, t_range=adapter.t_range)
 
     # ------------------------------------------------------------------ fields
 
