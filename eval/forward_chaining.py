@@ -45,9 +45,12 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "src"))
+RUNTIME = """Runtime (the shared 2-core CPU, OMP_NUM_THREADS=1): there is no default run; give --runs or --train.
+--train, the benchmark: about 50 min measured with ~10 other processes on the 2 cores (GPT-2 21 min wall but
+2.2 min of CPU time, JEPA + memory 29 min wall, evaluation 1 min); expect far less on a quiet machine.
+--runs on the two shipped models: evaluation only, about 1 min."""
 
-import torch  # noqa: E402
+import torch
 
 CONFIGS = {"ar": "chain_ar.yaml", "jepa_memory": "chain_jepa.yaml"}
 GPU_CONFIGS = {"ar": "chain_ar_gpu.yaml", "jepa_memory": "chain_jepa_gpu.yaml"}
@@ -132,7 +135,7 @@ def format_table(models: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=RUNTIME, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", default=None, help="trained run folders (output_dir of train.py)")
     p.add_argument("--train", action="store_true", help="train the shipped configs first (the benchmark)")
     p.add_argument("--gpu", action="store_true", help="with --train: the paper-size configs (configs/chain_*_gpu.yaml)")

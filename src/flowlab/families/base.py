@@ -163,11 +163,14 @@ class FamilyAdapter(nn.Module):
         return False
 
     @abstractmethod
-    def _forward(self, network: nn.Module, x: Tensor, t: Tensor, cond: Conditioning, guidance: float) -> Tensor:
-        """One network evaluation at flowlab times ``t`` ``(B,)`` (already clamped), raw prediction."""
+    def _forward(self, network: nn.Module, x: Tensor, t: Tensor, cond: Conditioning, guidance: float, detach_unconditional: bool = False) -> Tensor:
+        """One network evaluation at flowlab times ``t`` ``(B,)`` (already clamped), raw prediction.
+        ``detach_unconditional``: no gradient through the unconditional branch of classifier-free guidance
+        (FlowGRPO's training forward); meaningless for a guidance embedding, which has no such branch."""
 
     def predict(
-        self, x: Tensor, t: Tensor | float, cond: Conditioning, guidance_scale: float | None = None, network: nn.Module | None = None
+        self, x: Tensor, t: Tensor | float, cond: Conditioning, guidance_scale: float | None = None, network: nn.Module | None = None,
+        detach_unconditional: bool = False,
     ) -> Tensor:
         """The raw prediction (:attr:`prediction_type`) at ``x`` ``(B, *sample_shape)``, flowlab times ``t``.
 
@@ -178,14 +181,15 @@ class FamilyAdapter(nn.Module):
         t = self.clamp_t(t, x)
         cond = broadcast_conditioning(cond, x.shape[0])
         return self._forward(network if network is not None else self.network, x, t, cond,
-                             self.guidance_default if guidance_scale is None else float(guidance_scale))
+                             self.guidance_default if guidance_scale is None else float(guidance_scale), detach_unconditional)
 
     def velocity(
-        self, x: Tensor, t: Tensor | float, cond: Conditioning, guidance_scale: float | None = None, network: nn.Module | None = None
+        self, x: Tensor, t: Tensor | float, cond: Conditioning, guidance_scale: float | None = None, network: nn.Module | None = None,
+        detach_unconditional: bool = False,
     ) -> Tensor:
         """flowlab velocity ``u(x, t)`` (``t = 0`` noise, ``t = 1`` data) of the guided prediction, shape of ``x``."""
         tc = self.clamp_t(t, x)
-        pred = self.predict(x, tc, cond, guidance_scale, network)
+        pred = self.predict(x, tc, cond, guidance_scale, network, detach_unconditional)
         return convert(self.path, pred, x, tc, self.prediction_type, "velocity").to(x.dtype)
 
     def clamp_t(self, t: Tensor | float, x: Tensor) -> Tensor:

@@ -184,7 +184,7 @@ class FluxAdapter(FamilyAdapter):
         """``(B, h/2 * w/2, 4C)`` -> ``(B, C, h, w)`` (``FluxPipeline._unpack_latents`` at this resolution)."""
         return self.pipeline_class._unpack_latents(tokens, self.resolution, self.resolution, self.vae_scale_factor)
 
-    def _forward(self, network: nn.Module, x: Tensor, t: Tensor, cond: Conditioning, guidance: float) -> Tensor:
+    def _forward(self, network: nn.Module, x: Tensor, t: Tensor, cond: Conditioning, guidance: float, detach_unconditional: bool = False) -> Tensor:
         if tuple(x.shape[1:]) != self.sample_shape:
             raise ValueError(f"FLUX latents must have shape (B, {', '.join(map(str, self.sample_shape))}), got {tuple(x.shape)}")
         if self.has_guidance_embedding:

@@ -184,7 +184,7 @@ class UNetAdapter(FamilyAdapter):
                       added_cond_kwargs=added, return_dict=False)[0]
         return out.to(x.dtype)
 
-    def _forward(self, network: nn.Module, x: Tensor, t: Tensor, cond: Conditioning, guidance: float) -> Tensor:
+    def _forward(self, network: nn.Module, x: Tensor, t: Tensor, cond: Conditioning, guidance: float, detach_unconditional: bool = False) -> Tensor:
         """UNet output at ``timestep = u(t)`` (guided: ``neg + w (cond - neg)``), read as ``epsilon`` / ``x1``."""
         n = self._path.num_train_timesteps
         timestep = self._path.timestep(t.to(torch.float64)).clamp(0, n - 1).float()
@@ -194,6 +194,8 @@ class UNetAdapter(FamilyAdapter):
             neg = self.negative_embeddings()
             both = {k: torch.cat([cond[k], neg[k].to(cond[k].device).expand(x.shape[0], *neg[k].shape[1:])]) for k in cond}
             out_c, out_n = self._unet(network, torch.cat([x, x]), torch.cat([timestep, timestep]), both).chunk(2)
+            if detach_unconditional:
+                out_n = out_n.detach()
             out = out_n + guidance * (out_c - out_n)
         if self.raw_prediction_type == "v_prediction":
             out = diffusers_v_to_epsilon(self._path, out, x, t.to(x.dtype))

@@ -88,15 +88,16 @@ class FamilyPolicy(Policy):
         with self._role(role) as net:
             return self.adapter.velocity(x, t, cond, self.training_guidance, network=net)
 
-    def field(self, cond: dict[str, Tensor], role: str = "current", guidance_scale: float = 1.0):
+    def field(self, cond: dict[str, Tensor], role: str = "current", guidance_scale: float = 1.0, detach_unconditional: bool = False):
         """Sampling field of ``role``: classifier-free guidance (SD UNets) or the guidance embedding
-        (FLUX.1-dev) at ``guidance_scale``; the plain velocity when that is the training guidance."""
+        (FLUX.1-dev) at ``guidance_scale``; the plain velocity when that is the training guidance.
+        ``detach_unconditional``: no gradient through CFG's unconditional branch (FlowGRPO's training forward)."""
         if guidance_scale == self.training_guidance:
             return super().field(cond, role)
 
         def guided(x: Tensor, t: Tensor) -> Tensor:
             with self._role(role) as net:
-                return self.adapter.velocity(x, t, cond, guidance_scale, network=net)
+                return self.adapter.velocity(x, t, cond, guidance_scale, network=net, detach_unconditional=detach_unconditional)
 
         return guided
 
