@@ -16,11 +16,14 @@ from .solvers import Field
 
 __all__ = ["ModelFn", "guided_field"]
 
-ModelFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+ModelFn = Callable[..., Tensor]  # (x, t, labels, *times) -> v
 
 
 def guided_field(model_fn: ModelFn, class_labels: Tensor | None = None, guidance_scale: float = 1.0, null_label: int | None = None) -> Field:
     """Turn ``model_fn(x, t, labels) -> v`` into a field ``(x, t) -> v`` with CFG.
+
+    Extra time arguments pass through: ``field(x, t, r)`` calls ``model_fn(x, t, labels, r)`` (MeanFlow's
+    average velocity ``u(x, t, r)``, guided the same way: ``u_null + w (u_cond - u_null)``).
 
     Args:
         model_fn: velocity model taking labels (or ``None`` for unconditional models).
@@ -29,14 +32,14 @@ def guided_field(model_fn: ModelFn, class_labels: Tensor | None = None, guidance
         null_label: index of the null class (required when ``guidance_scale != 1``).
     """
     if class_labels is None or guidance_scale == 1.0:
-        return lambda x, t: model_fn(x, t, class_labels)
+        return lambda x, t, *times: model_fn(x, t, class_labels, *times)
     if null_label is None:
         raise ValueError("guidance_scale != 1 needs a class-conditional model with a null class")
     null = torch.full_like(class_labels, null_label)
     labels2 = torch.cat([class_labels, null])
 
-    def field(x: Tensor, t: Tensor) -> Tensor:
-        v_cond, v_null = model_fn(torch.cat([x, x]), torch.cat([t, t]), labels2).chunk(2)
+    def field(x: Tensor, t: Tensor, *times: Tensor) -> Tensor:
+        v_cond, v_null = model_fn(torch.cat([x, x]), torch.cat([t, t]), labels2, *(torch.cat([s, s]) for s in times)).chunk(2)
         return v_null + guidance_scale * (v_cond - v_null)
 
     return field

@@ -129,13 +129,14 @@ class TrainConfig:
     log_every: int = field(default=25, metadata={"min": 1})
     max_nonfinite_steps: int = field(default=20, metadata={"min": 1})
     report_to: str = field(default="tensorboard", metadata=_choices("tensorboard", "wandb", "none"))
+    compile: bool = False  # run the model through torch.compile (accelerate's dynamo_backend="inductor")
 
 
 @dataclass
 class SampleConfig:
     """``sample``: sampling defaults saved with the pipeline, and periodic sample grids."""
 
-    solver: str = field(default="heun", metadata=_choices("euler", "midpoint", "heun", "multistep", "dopri5"))
+    solver: str = field(default="heun", metadata=_choices("euler", "midpoint", "heun", "multistep", "dopri5", "meanflow"))  # meanflow: recipe meanflow
     num_inference_steps: int = field(default=16, metadata={"min": 1})
     shift: float = field(default=1.0, metadata={"min": 1e-6})
     guidance_scale: float = 1.0
@@ -149,7 +150,7 @@ class EvalConfig:
 
     every: int = field(default=0, metadata={"min": 0})  # 0: only at the end
     num_samples: int = field(default=1000, metadata={"min": 2})
-    solver: str = field(default="heun", metadata=_choices("euler", "midpoint", "heun", "multistep", "dopri5"))
+    solver: str = field(default="heun", metadata=_choices("euler", "midpoint", "heun", "multistep", "dopri5", "meanflow"))
     num_inference_steps: int = field(default=16, metadata={"min": 1})
     enabled: bool = True
 

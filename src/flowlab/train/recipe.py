@@ -158,6 +158,7 @@ def register_recipe(name: str):
 # config section of its own). A new recipe adds its module here.
 BUILTIN_RECIPE_MODULES = [
     "flowlab.train.flow_matching",
+    "flowlab.train.meanflow",
     "flowlab.noprop.recipe",
     "flowlab.nft.recipe",
     "flowlab.jepa.recipe",
