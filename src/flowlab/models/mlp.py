@@ -60,16 +60,16 @@ class MLPVelocity(ModelMixin, ConfigMixin, VelocityModelMixin):
         self.inp = nn.Linear(d_in, hidden_dim)
         self.cond = nn.Sequential(nn.Linear(time_embed_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim))
         self.label_embed = nn.Embedding(num_classes + 1, hidden_dim) if num_classes > 0 else None
-        # created after every module of the one-time network, so that mean_flow=False draws the same initial weights
-        self.interval_embed = (
-            nn.Sequential(nn.Linear(time_embed_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim)) if mean_flow else None
-        )
         self.blocks = nn.ModuleList(_ResBlock(hidden_dim, dropout) for _ in range(depth))
         self.out_norm = nn.LayerNorm(hidden_dim)
         self.out = nn.Linear(hidden_dim, d_in)
         for blk in self.blocks:  # start each block as the identity
             nn.init.zeros_(blk.net[-1].weight)
             nn.init.zeros_(blk.net[-1].bias)
+        # created last: the one-time network draws the same initial weights as with mean_flow=False
+        self.interval_embed = (
+            nn.Sequential(nn.Linear(time_embed_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim)) if mean_flow else None
+        )
 
     def hidden(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, r: Tensor | None = None) -> Tensor:
         """The normalised residual stream ``(B, hidden_dim)`` before the output projection."""
