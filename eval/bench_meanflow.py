@@ -74,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: far less sensitive to other jobs)")
     p.add_argument("--quick", action="store_true", help="tiny models and budgets (smoke test)")
     p.add_argument("--workdir", default=None, help="where runs are written (default: a temporary folder)")
+    p.add_argument("--reuse-runs", action="store_true",
+                   help="score runs already in --workdir (<standard|meanflow>-<seed>/, same seed and steps) instead of training them")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     for key in ("fm_steps", "mf_steps", "probe_steps", "probe_repeats", "num_samples"):
@@ -101,40 +103,59 @@ def _cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def probe_cost(args, workdir: Path) -> dict[str, Any]:
-    """CPU seconds per training step of each recipe, from interleaved timed blocks of ``recipe.training_step``
-    + backward + ``AdamW.step`` on the same batches (the trainer's own per-step work is the same for both)."""
+def build_step_setup(cfg_path: str, overrides: list[str], compile_model: bool = False) -> dict[str, Any]:
+    """A recipe, its dataset, model (``torch.compile``-d if asked) and AdamW, for :func:`time_training_steps`."""
     from flowlab.train import load_config
-    from flowlab.train.recipe import StepContext, get_recipe
+    from flowlab.train.recipe import get_recipe
 
-    setups = {}
-    for name, cfg_path in (("standard", args.fm_config), ("meanflow", args.mf_config)):
-        cfg = load_config(cfg_path, _overrides(args, workdir / f"probe-{name}", 0, None))
-        torch.manual_seed(0)
-        recipe = get_recipe(cfg)
-        data = recipe.build_dataset()
-        model = recipe.build_model(data)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-        setups[name] = (cfg, recipe, data, model, opt)
+    cfg = load_config(cfg_path, overrides)
+    torch.manual_seed(0)
+    recipe = get_recipe(cfg)
+    data = recipe.build_dataset()
+    model = recipe.build_model(data)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    return {"cfg": cfg, "recipe": recipe, "data": data, "model": torch.compile(model) if compile_model else model, "opt": opt}
 
-    def block(name: str, start: int) -> float:
-        cfg, recipe, data, model, opt = setups[name]
+
+def time_training_steps(setups: dict[str, dict[str, Any]], steps: int, repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Seconds per training step (``recipe.training_step`` + backward + ``AdamW.step``, the work a trainer step
+    adds nothing to but bookkeeping) of each setup, in interleaved blocks of ``steps`` steps after one warm-up
+    block each: ``{"cpu": [...], "wall": [...]}`` per setup, one entry per block. CPU time is this process's
+    (at one torch thread, the wall time of a quiet machine)."""
+
+    def block(setup: dict[str, Any], start: int) -> tuple[float, float]:
+        cfg, recipe, data, model, opt = (setup[k] for k in ("cfg", "recipe", "data", "model", "opt"))
         b = cfg.train.batch_size
-        c0 = _cpu_seconds()
-        for step in range(start, start + args.probe_steps):
+        c0, w0 = _cpu_seconds(), time.perf_counter()
+        for step in range(start, start + steps):
             idx = torch.arange(step * b, (step + 1) * b) % len(data)
             ctx = StepContext(step, 0, torch.Generator().manual_seed(step), b, 0, b, torch.device("cpu"))
             recipe.training_step(model, data.get_batch(idx), ctx).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return (_cpu_seconds() - c0) / args.probe_steps
+        return (_cpu_seconds() - c0) / steps, (time.perf_counter() - w0) / steps
 
-    for name in setups:  # warm-up
-        block(name, 0)
-    per_step: dict[str, list[float]] = {"standard": [], "meanflow": []}
-    for k in range(args.probe_repeats):
-        for name in ("standard", "meanflow"):
-            per_step[name].append(block(name, (k + 1) * args.probe_steps))
+    from flowlab.train.recipe import StepContext
+
+    for setup in setups.values():  # warm-up (and, for compiled models, compilation)
+        block(setup, 0)
+    out = {name: {"cpu": [], "wall": []} for name in setups}
+    for k in range(repeats):
+        for name, setup in setups.items():
+            cpu, wall = block(setup, (k + 1) * steps)
+            out[name]["cpu"].append(cpu)
+            out[name]["wall"].append(wall)
+    return out
+
+
+def probe_cost(args, workdir: Path) -> dict[str, Any]:
+    """CPU seconds per training step of each recipe (:func:`time_training_steps`; the trainer's own per-step
+    work is the same for both)."""
+    setups = {
+        name: build_step_setup(cfg_path, _overrides(args, workdir / f"probe-{name}", 0, None))
+        for name, cfg_path in (("standard", args.fm_config), ("meanflow", args.mf_config))
+    }
+    per_step = {name: v["cpu"] for name, v in time_training_steps(setups, args.probe_steps, args.probe_repeats).items()}
     med = {n: statistics.median(v) for n, v in per_step.items()}
     return {"cpu_seconds_per_step": per_step, "median": med, "cost_ratio_meanflow_over_standard": med["meanflow"] / med["standard"]}
 
@@ -143,9 +164,23 @@ def train(args, cfg_path: str, output_dir: Path, seed: int, steps: int | None) -
     from flowlab.train import Trainer, load_config
 
     cfg = load_config(cfg_path, _overrides(args, output_dir, seed, steps))
+    if args.reuse_runs and (output_dir / "pipeline" / "model_index.json").is_file():
+        import yaml
+
+        done = yaml.safe_load((output_dir / "config.yaml").read_text())
+        if (done["recipe"], done["seed"], done["train"]["max_steps"]) != (cfg.recipe, seed, cfg.train.max_steps):
+            raise SystemExit(f"--reuse-runs: {output_dir} holds recipe {done['recipe']}, seed {done['seed']}, "
+                             f"{done['train']['max_steps']} steps; this benchmark wants {cfg.recipe}, {seed}, {cfg.train.max_steps}")
+        return {"steps": cfg.train.max_steps, "wall_seconds": None, "cpu_seconds": None, "reused": True, "pipeline": str(output_dir / "pipeline")}
     w0, c0 = time.perf_counter(), _cpu_seconds()
     Trainer(cfg).train()
     return {"steps": cfg.train.max_steps, "wall_seconds": time.perf_counter() - w0, "cpu_seconds": _cpu_seconds() - c0, "pipeline": str(output_dir / "pipeline")}
+
+
+def _timing(run: dict[str, Any]) -> str:
+    if run.get("reused"):
+        return "reused (trained before this run)"
+    return f"{run['wall_seconds']:.0f} s wall / {run['cpu_seconds']:.0f} s CPU"
 
 
 def score(args, pipeline: str, cells: list[tuple[str, int]], evaluator, latents, labels) -> dict[str, dict[str, Any]]:
@@ -192,9 +227,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = []
     for seed in args.seeds:
         std = train(args, args.fm_config, workdir / f"standard-{seed}", seed, fm_steps)
-        print(f"seed {seed}: standard {std['steps']} steps in {std['wall_seconds']:.0f} s wall / {std['cpu_seconds']:.0f} s CPU", flush=True)
+        print(f"seed {seed}: standard {std['steps']} steps, {_timing(std)}", flush=True)
         mf = train(args, args.mf_config, workdir / f"meanflow-{seed}", seed, mf_steps)
-        print(f"seed {seed}: MeanFlow {mf['steps']} steps in {mf['wall_seconds']:.0f} s wall / {mf['cpu_seconds']:.0f} s CPU", flush=True)
+        print(f"seed {seed}: MeanFlow {mf['steps']} steps, {_timing(mf)}", flush=True)
         from flowlab import FlowPipeline
 
         shape = (n, *FlowPipeline.from_pretrained(std["pipeline"]).velocity_model.sample_shape)

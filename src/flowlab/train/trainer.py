@@ -188,6 +188,7 @@ class Trainer:
             AcceleratorState._reset_state(reset_partial_state=False)
             accelerator = Accelerator(
                 mixed_precision=t.mixed_precision,
+                **({"dynamo_backend": "inductor"} if t.compile else {}),  # train.compile: accelerate's prepare() runs torch.compile
                 log_with=log_with,
                 project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
             )
@@ -318,7 +319,8 @@ class Trainer:
     def ema_model(self) -> torch.nn.Module:
         """A copy of the unwrapped model holding the EMA weights (for sampling, evaluation, saving)."""
         if self._ema_copy is None:
-            self._ema_copy = copy.deepcopy(self.accelerator.unwrap_model(self.model))
+            # the plain module, without train.compile's wrapper: a deep copy of that would hold the compiled call
+            self._ema_copy = copy.deepcopy(self.accelerator.unwrap_model(self.model, keep_torch_compile=False))
             self._ema_copy.requires_grad_(False)
         self.ema.copy_to(self._ema_params(self._ema_copy))
         # parameters outside the EMA (e.g. an old-policy copy) follow the model
@@ -335,7 +337,7 @@ class Trainer:
             f"[{acc.distributed_type.value}] on {acc.device} | mixed precision {acc.mixed_precision} | "
             + (f"global batch {t.batch_size} = {acc.num_processes} x {self.micro_local} x {t.grad_accum_steps} accum | " if self.shard else
                f"global batch {t.batch_size} = {self.micro_local} x {t.grad_accum_steps} accum on every process, parameters split across processes | ")
-            + f"{len(self.dataset)} examples | {type(acc.unwrap_model(self.model)).__name__} {n_params / 1e6:.2f}M params | "
+            + f"{len(self.dataset)} examples | {type(acc.unwrap_model(self.model, keep_torch_compile=False)).__name__} {n_params / 1e6:.2f}M params | "
             f"output {self.output_dir}"
         )
 
