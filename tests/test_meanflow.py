@@ -1,6 +1,7 @@
 """MeanFlow: the average-velocity identity against the closed form of a Gaussian, the one-jump solver,
 the loss (reduces to flow matching at r = t), the model's second time input (off = the old network),
 the recipe, and 1- and 2-step sampling through a saved and re-loaded FlowPipeline."""
+import json
 import math
 
 import pytest
@@ -97,6 +98,7 @@ def test_adaptive_weight_and_bad_settings():
     x1, x0, t = torch.ones(4, 3), torch.zeros(4, 3), torch.full((4,), 0.3)
     out = MeanFlowLoss(adaptive_p=1.0, adaptive_c=1.0)(model, x1, x_0=x0, t=t, r=t)
     assert torch.allclose(out.per_sample, torch.full((4,), 1.0 / (1.0 + 1.0)))
+    assert torch.allclose(out.squared_error, torch.ones(4))  # the unweighted error, logged by the recipe
     with pytest.raises(ValueError, match="t <= r"):
         MeanFlowLoss()(model, x1, x_0=x0, t=t, r=t - 0.1)
     with pytest.raises(ValueError, match="distinct_fraction"):
@@ -134,8 +136,6 @@ def test_model_second_time_input_is_optional_and_off_by_default():
 def test_old_checkpoints_load_as_one_time_models(tmp_path):
     model = _randomize(MLPVelocity(sample_shape=(2,), hidden_dim=16, depth=1, time_embed_dim=8))
     model.save_pretrained(tmp_path)
-    import json
-
     cfg_path = tmp_path / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg.pop("mean_flow")  # a checkpoint written before the flag existed
@@ -221,6 +221,8 @@ def test_recipe_trains_and_saves_a_two_step_pipeline(tmp_path):
     out = tmp_path / "run"
     cfg = load_config(None, tiny_overrides(out, "recipe=meanflow", "model.class_conditional=true", "sample.solver=meanflow", "train.max_steps=20"))
     Trainer(cfg).train()
+    logged = [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line]
+    assert logged and all(math.isfinite(r["mean_flow_mse"]) and r["mean_flow_mse"] > 0 for r in logged)
     pipe = FlowPipeline.from_pretrained(str(out / "pipeline"))
     pipe.set_progress_bar_config(disable=True)
     assert pipe.scheduler.config.mean_flow is True and pipe.scheduler.config.solver == "meanflow"

@@ -46,6 +46,7 @@ network time inputs    (t, t - r)                                 (t, r - t): th
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -56,10 +57,18 @@ from .losses import LossOutput
 from .paths import AffinePath, LinearPath, expand_like
 from .time_samplers import TimeSampler, UniformTimeSampler
 
-__all__ = ["AverageVelocityFn", "MeanFlowLoss", "meanflow_target", "sample_time_pairs"]
+__all__ = ["AverageVelocityFn", "MeanFlowLoss", "MeanFlowLossOutput", "meanflow_target", "sample_time_pairs"]
 
 #: ``u(x, t, r) -> (B, ...)``: the average velocity from the state ``x`` at times ``t`` ``(B,)`` to ``r`` ``(B,)``.
 AverageVelocityFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass
+class MeanFlowLossOutput(LossOutput):
+    """:class:`~flowlab.flow.losses.LossOutput` plus ``squared_error`` ``(B,)``: the unweighted
+    ``mean_d (u - u_tgt)^2`` per sample (the adaptive weight keeps the loss itself near 1 when ``p = 1``)."""
+
+    squared_error: Tensor | None = None
 
 
 def meanflow_target(u_fn: AverageVelocityFn, x_t: Tensor, t: Tensor, r: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -139,7 +148,7 @@ class MeanFlowLoss:
         t: Tensor | None = None,
         r: Tensor | None = None,
         generator: torch.Generator | None = None,
-    ) -> LossOutput:
+    ) -> MeanFlowLossOutput:
         """Loss for data ``x_1`` ``(B, ...)``; noise ``x_0`` and times ``t <= r`` ``(B,)`` are drawn if not given.
 
         ``u_fn(x_t, t, r)`` returns the model's average velocity (conditioning already bound).
@@ -159,4 +168,4 @@ class MeanFlowLoss:
         sq = (u.float() - u_tgt.float()).pow(2).flatten(1).mean(1)
         weight = (sq.detach() + self.adaptive_c).pow(-self.adaptive_p) if self.adaptive_p > 0 else torch.ones_like(sq)
         per_sample = weight * sq
-        return LossOutput(loss=per_sample.mean(), per_sample=per_sample, sample=s)
+        return MeanFlowLossOutput(loss=per_sample.mean(), per_sample=per_sample, sample=s, squared_error=sq.detach())

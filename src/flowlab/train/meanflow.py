@@ -64,4 +64,4 @@ class MeanFlowRecipe(FlowMatchingRecipe):
         x1, labels, x0 = self.data_labels_noise(batch, ctx)
         t, r = ctx.draw(self.mean_flow_loss.sample_times).unbind(1)
         out = self.mean_flow_loss(lambda x, tt, rr: model(x, tt, labels, r=rr), x1, x_0=x0, t=t, r=r)
-        return StepOutput(loss=out.loss)
+        return StepOutput(loss=out.loss, logs={"mean_flow_mse": out.squared_error.mean()})
