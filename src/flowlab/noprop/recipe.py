@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ..data import build_dataset
-from ..flow import FlowMatchingLoss, LinearPath, SOLVERS, UniformTimeSampler
+from ..flow import AVERAGE_VELOCITY_SOLVERS, FlowMatchingLoss, LinearPath, SOLVERS, UniformTimeSampler
 from ..train.config import Config, ConfigError, register_config_section
 from ..train.recipe import Recipe, StepContext, StepOutput, register_recipe
 from .models import EMBEDDINGS, VARIANTS, NoPropClassifier
@@ -50,7 +50,7 @@ class NoPropConfig:
     gamma_0: float = 3.0  # ct: SNR(0) = exp(-gamma_0) (digits: +-6 trains poorly, see docs/noprop.md)
     gamma_1: float = -3.0  # ct: SNR(1) = exp(-gamma_1)
     schedule_eps: float = field(default=1e-3, metadata={"min": 1e-8, "max": 0.1})  # dt schedule clamp
-    solver: str = field(default="euler", metadata=_choices(*SOLVERS))  # ct, fm inference
+    solver: str = field(default="euler", metadata=_choices(*(s for s in SOLVERS if s not in AVERAGE_VELOCITY_SOLVERS)))  # ct, fm inference
     inference_steps: int = field(default=20, metadata={"min": 1})
     eval_steps: list[int] = field(default_factory=list)  # ct, fm: also report accuracy at these step counts
     eval_split: str = "test"  # held-out split for `evaluate`
