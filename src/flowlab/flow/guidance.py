@@ -16,7 +16,7 @@ from .solvers import Field
 
 __all__ = ["ModelFn", "guided_field", "combine_guidance"]
 
-ModelFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+ModelFn = Callable[..., Tensor]  # (x, t, labels, *times) -> v
 
 
 def combine_guidance(v_cond: Tensor, v_uncond: Tensor, guidance_scale: float, detach_unconditional: bool = False) -> Tensor:
@@ -37,6 +37,9 @@ def guided_field(
 ) -> Field:
     """Turn ``model_fn(x, t, labels) -> v`` into a field ``(x, t) -> v`` with CFG.
 
+    Extra time arguments pass through: ``field(x, t, r)`` calls ``model_fn(x, t, labels, r)`` (MeanFlow's
+    average velocity ``u(x, t, r)``, guided the same way: ``u_null + w (u_cond - u_null)``).
+
     Args:
         model_fn: velocity model taking labels (or ``None`` for unconditional models).
         class_labels: ``(B,)`` integer labels, or ``None``.
@@ -45,14 +48,14 @@ def guided_field(
         detach_unconditional: no gradient through the null branch (see :func:`combine_guidance`).
     """
     if class_labels is None or guidance_scale == 1.0:
-        return lambda x, t: model_fn(x, t, class_labels)
+        return lambda x, t, *times: model_fn(x, t, class_labels, *times)
     if null_label is None:
         raise ValueError("guidance_scale != 1 needs a class-conditional model with a null class")
     null = torch.full_like(class_labels, null_label)
     labels2 = torch.cat([class_labels, null])
 
-    def field(x: Tensor, t: Tensor) -> Tensor:
-        v_cond, v_null = model_fn(torch.cat([x, x]), torch.cat([t, t]), labels2).chunk(2)
+    def field(x: Tensor, t: Tensor, *times: Tensor) -> Tensor:
+        v_cond, v_null = model_fn(torch.cat([x, x]), torch.cat([t, t]), labels2, *(torch.cat([s, s]) for s in times)).chunk(2)
         return combine_guidance(v_cond, v_null, guidance_scale, detach_unconditional)
 
     return field

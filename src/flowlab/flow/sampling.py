@@ -67,10 +67,11 @@ def sample(
     """Sample from noise ``x0`` ``(B, ...)`` at ``t = 0`` to ``t = 1``.
 
     Args:
-        field: velocity ``field(x, t) -> v`` with ``t`` of shape ``(B,)`` (flowlab time), guidance included.
+        field: velocity ``field(x, t) -> v`` with ``t`` of shape ``(B,)`` (flowlab time), guidance included;
+            for ``solver="meanflow"`` an average velocity ``field(x, t, r) -> u`` (see :mod:`flowlab.flow.meanflow`).
         x0: the initial noise.
-        solver: an ODE solver's name (``euler``, ``midpoint``, ``heun``, ``multistep``, ``dopri5``) or
-            a :class:`Solver`. With ``sde`` only ``euler`` (Euler-Maruyama) is possible.
+        solver: an ODE solver's name (``euler``, ``midpoint``, ``heun``, ``multistep``, ``dopri5``,
+            ``meanflow``) or a :class:`Solver`. With ``sde`` only ``euler`` (Euler-Maruyama) is possible.
         num_steps: steps of the grid (``dopri5`` chooses its own steps and only reads the grid's ends).
         shift: SD3 time shift of the grid (``> 1``: more steps near noise).
         times: an explicit increasing grid ``(K+1,)`` instead of ``num_steps``/``shift``.

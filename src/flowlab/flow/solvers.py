@@ -11,6 +11,8 @@ at every grid point.
   parameterisation (1 NFE/step, second order from the third step; first order on the
   first step and on a final step that lands on ``sigma = 0``).
 * ``Dopri5Solver``: adaptive Dormand-Prince through ``torchdiffeq``.
+* ``MeanFlowSolver``: jumps ``x_r = x_t + (r - t) u(x_t, t, r)`` with an average-velocity model
+  (:mod:`flowlab.flow.meanflow`; its field takes the step's end time: ``field(x, t, r)``).
 """
 from __future__ import annotations
 
@@ -35,7 +37,9 @@ __all__ = [
     "HeunSolver",
     "MultistepSolver",
     "Dopri5Solver",
+    "MeanFlowSolver",
     "SOLVERS",
+    "AVERAGE_VELOCITY_SOLVERS",
     "get_solver",
     "time_grid",
     "steps_for_nfe",
@@ -80,15 +84,20 @@ class _Counter:
     def __init__(self, field: Field):
         self.field, self.nfe = field, 0
 
-    def __call__(self, x: Tensor, t: Tensor | float) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor | float, *times: Tensor | float) -> Tensor:
+        """``field(x, t, *times)`` with every time broadcast to ``(B,)`` (``times``: e.g. MeanFlow's step end)."""
         self.nfe += 1
+        return self.field(x, *(self._batch_time(x, s) for s in (t, *times)))
+
+    @staticmethod
+    def _batch_time(x: Tensor, t: Tensor | float) -> Tensor:
         if not torch.is_tensor(t):
             t = torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype)
         elif t.ndim == 0:
             # keep t's graph: torchdiffeq's step times depend on the state (initial step selection), and
             # cutting them here (float(t)) makes differentiable solves return inconsistent gradients
             t = t.to(device=x.device, dtype=x.dtype).expand(x.shape[0]).clone()
-        return self.field(x, t.to(x.dtype))
+        return t.to(x.dtype)
 
 
 class Solver(ABC):
@@ -225,14 +234,41 @@ class Dopri5Solver(Solver):
         return SolverOutput(x=out[-1], nfe=f.nfe, times=grid, trajectory=traj)
 
 
-SOLVERS = {"euler": EulerSolver, "midpoint": MidpointSolver, "heun": HeunSolver, "multistep": MultistepSolver, "dopri5": Dopri5Solver}
+class MeanFlowSolver(Solver):
+    """One jump per step with an average-velocity model: ``x_r = x_t + (r - t) u(x_t, t, r)``.
+
+    The field is MeanFlow's ``u(x, t, r)`` (:mod:`flowlab.flow.meanflow`), called with the step's end
+    ``r = t_next`` as a third argument; exact for every grid if ``u`` is exact, so 1 or 2 steps suffice.
+    Sampling direction only (increasing ``t``).
+    """
+
+    name, nfe_per_step, order = "meanflow", 1, 1
+
+    def step(self, f, x, t, t_next, i, n):
+        if t_next < t:
+            raise ValueError("MeanFlowSolver steps forward in time only (noise -> data)")
+        return x + (t_next - t) * f(x, t, t_next)
+
+
+SOLVERS = {
+    "euler": EulerSolver,
+    "midpoint": MidpointSolver,
+    "heun": HeunSolver,
+    "multistep": MultistepSolver,
+    "dopri5": Dopri5Solver,
+    "meanflow": MeanFlowSolver,
+}
+
+#: solvers whose field is an average velocity ``u(x, t, r)`` rather than a velocity ``v(x, t)``
+AVERAGE_VELOCITY_SOLVERS = frozenset({"meanflow"})
 
 
 def get_solver(name: str, path: AffinePath | None = None, rtol: float = 1e-5, atol: float = 1e-5) -> Solver:
     """Build a solver by name from every setting a caller may hold; each solver takes what it uses.
 
     Args:
-        name: ``euler``, ``midpoint``, ``heun``, ``multistep`` or ``dopri5``.
+        name: ``euler``, ``midpoint``, ``heun``, ``multistep``, ``dopri5`` or ``meanflow`` (whose field is
+            an average velocity ``u(x, t, r)``).
         path: the model's path (``multistep`` converts velocities to data predictions through it;
             linear when ``None``). Ignored by the other solvers.
         rtol, atol: ``dopri5``'s tolerances. Ignored by the fixed-step solvers.

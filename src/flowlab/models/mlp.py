@@ -36,6 +36,11 @@ class MLPVelocity(ModelMixin, ConfigMixin, VelocityModelMixin):
         num_classes: ``0`` for unconditional; otherwise ``num_classes + 1`` label embeddings
             (the last is the null class for classifier-free guidance).
         dropout: dropout inside the blocks.
+        mean_flow: add a second time input (MeanFlow's average velocity ``u(x, t, r)``, see
+            :mod:`flowlab.flow.meanflow`): the interval ``r - t`` gets its own sinusoidal embedding
+            and MLP, added to the time/label conditioning. ``forward(x, t, labels, r=None)`` with
+            ``r = None`` reads ``r = t`` (the instantaneous velocity). ``False`` (the default, and
+            what older saved configs load as) builds exactly the one-time network.
     """
 
     @register_to_config
@@ -47,6 +52,7 @@ class MLPVelocity(ModelMixin, ConfigMixin, VelocityModelMixin):
         time_embed_dim: int = 128,
         num_classes: int = 0,
         dropout: float = 0.0,
+        mean_flow: bool = False,
     ):
         super().__init__()
         d_in = int(math.prod(sample_shape))
@@ -60,12 +66,22 @@ class MLPVelocity(ModelMixin, ConfigMixin, VelocityModelMixin):
         for blk in self.blocks:  # start each block as the identity
             nn.init.zeros_(blk.net[-1].weight)
             nn.init.zeros_(blk.net[-1].bias)
+        # created last: the one-time network draws the same initial weights as with mean_flow=False
+        self.interval_embed = (
+            nn.Sequential(nn.Linear(time_embed_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim)) if mean_flow else None
+        )
 
-    def hidden(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def hidden(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, r: Tensor | None = None) -> Tensor:
         """The normalised residual stream ``(B, hidden_dim)`` before the output projection."""
         self._check_input(x)
         b = x.shape[0]
-        c = self.cond(sinusoidal_embedding(t.reshape(-1).expand(b) if t.numel() == 1 else t, self.time_embed_dim).to(x.dtype))
+        t = t.reshape(-1).expand(b) if t.numel() == 1 else t
+        c = self.cond(sinusoidal_embedding(t, self.time_embed_dim).to(x.dtype))
+        if self.interval_embed is not None:
+            r = t if r is None else (r.reshape(-1).expand(b) if r.numel() == 1 else r)
+            c = c + self.interval_embed(sinusoidal_embedding(r - t, self.time_embed_dim).to(x.dtype))
+        elif r is not None:
+            raise ValueError(f"{type(self).__name__} has one time input (mean_flow=False) but a second time r was given")
         labels = self._labels(class_labels, b, x.device)
         if labels is not None:
             c = c + self.label_embed(labels)
@@ -75,5 +91,7 @@ class MLPVelocity(ModelMixin, ConfigMixin, VelocityModelMixin):
             h = blk(h, c)
         return self.out_norm(h)
 
-    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        return self.out(self.hidden(x, t, class_labels)).reshape(x.shape)
+    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, r: Tensor | None = None) -> Tensor:
+        """Velocity ``(B, *sample_shape)`` at flowlab times ``t`` ``(B,)``; with ``mean_flow``, the average
+        velocity over ``[t, r]`` (``r`` ``(B,)``, default ``t``)."""
+        return self.out(self.hidden(x, t, class_labels, r)).reshape(x.shape)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..errors import ConfigError
-from ..names import SOLVER_NAMES
+from ..names import ODE_SOLVER_NAMES
 from ..schema import choices
 
 __all__ = ["NoPropConfig", "VARIANTS", "EMBEDDINGS", "BACKBONE_MODEL_TYPES"]
@@ -39,7 +39,7 @@ class NoPropConfig:
     gamma_0: float = 3.0  # ct: SNR(0) = exp(-gamma_0) (digits: +-6 trains poorly, see docs/noprop.md)
     gamma_1: float = -3.0  # ct: SNR(1) = exp(-gamma_1)
     schedule_eps: float = field(default=1e-3, metadata={"min": 1e-8, "max": 0.1})  # dt schedule clamp
-    solver: str = field(default="euler", metadata=choices(*SOLVER_NAMES))  # ct, fm inference
+    solver: str = field(default="euler", metadata=choices(*ODE_SOLVER_NAMES))  # ct, fm inference
     inference_steps: int = field(default=20, metadata={"min": 1})
     eval_steps: list[int] = field(default_factory=list)  # ct, fm: also report accuracy at these step counts
     eval_split: str = "test"  # held-out split for `evaluate`

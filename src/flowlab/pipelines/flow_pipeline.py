@@ -102,12 +102,13 @@ class FlowPipeline(HubSnapshotMixin, DiffusionPipeline):
         return len(self.velocity_model.sample_shape) == 3
 
     def velocity_field(self, class_labels: Tensor | None = None, guidance_scale: float = 1.0):
-        """The (guided) velocity ``(x, t) -> v`` of this pipeline's model, in flowlab time."""
+        """The (guided) velocity ``(x, t) -> v`` of this pipeline's model, in flowlab time; for a MeanFlow
+        model also callable as the average velocity ``(x, t, r) -> u``."""
         model = self.velocity_model
         sched = self.scheduler
 
-        def model_fn(x, t, labels):
-            return sched.model_velocity(model, x, t, labels)
+        def model_fn(x, t, labels, r=None):  # r: MeanFlow's step end (solver "meanflow")
+            return sched.model_velocity(model, x, t, labels, r)
 
         return guided_field(model_fn, class_labels, guidance_scale, model.null_label)
 
@@ -131,7 +132,9 @@ class FlowPipeline(HubSnapshotMixin, DiffusionPipeline):
         Args:
             batch_size: number of samples (taken from ``latents`` or a list of ``class_labels`` when left at 1).
             num_inference_steps: solver steps, ``>= 1`` (default: the scheduler's); ignored by ``dopri5``.
-            solver: ``euler``, ``midpoint``, ``heun``, ``multistep`` or ``dopri5`` (default: the scheduler's).
+                A MeanFlow model samples in 1 or 2 steps with ``solver="meanflow"`` (1 NFE per step).
+            solver: ``euler``, ``midpoint``, ``heun``, ``multistep`` or ``dopri5`` (default: the scheduler's);
+                ``meanflow`` for a MeanFlow model (scheduler ``mean_flow=True``).
             shift: SD3 time shift of the step grid, ``> 0`` (default: the scheduler's).
             class_labels: an int for every sample, or one label per sample (class-conditional models).
             guidance_scale: classifier-free guidance weight (1 = plain conditional sampling).
@@ -148,6 +151,7 @@ class FlowPipeline(HubSnapshotMixin, DiffusionPipeline):
         batch_size = check_positive_int("batch_size", batch_size)
         steps = check_positive_int("num_inference_steps", sched.num_inference_steps if num_inference_steps is None else num_inference_steps)
         solver = check_solver(sched.solver if solver is None else solver)
+        self.scheduler.check_solver(solver, sched.mean_flow)
         shift = check_finite("shift", sched.shift if shift is None else shift, minimum=0.0, strict=True)
         guidance_scale = check_finite("guidance_scale", sched.guidance_scale if guidance_scale is None else guidance_scale)
         if latents is not None and torch.is_tensor(latents) and latents.ndim >= 1 and batch_size == 1:
@@ -170,8 +174,8 @@ class FlowPipeline(HubSnapshotMixin, DiffusionPipeline):
         expected = None if solver_obj.name == "dopri5" else solver_obj.nfe_per_step * (len(times) - 1)
         with self._nfe_bar(expected) as bar:
 
-            def counted(x, t):
-                v = field(x, t)
+            def counted(x, t, *times):
+                v = field(x, t, *times)
                 bar.update()
                 return v
 

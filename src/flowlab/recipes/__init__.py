@@ -31,6 +31,7 @@ from ..train.config import Config, config_from_dict, config_to_dict, load_config
 from ..train.registry import RECIPES, recipe_class, register_recipe
 from .flow_matching.config import DATA_CONFIG, MODEL_CONFIG, FlowConfig
 from .flow_matching.config import SECTIONS as _FLOW_MATCHING_SECTIONS
+from .meanflow.config import SECTIONS as _MEANFLOW_SECTIONS
 from .chain_config import ChainConfig
 from .reversal_config import ReversalConfig
 
@@ -41,6 +42,12 @@ def _flow_matching():
     from .flow_matching.recipe import FlowMatchingRecipe
 
     return FlowMatchingRecipe
+
+
+def _meanflow():
+    from .meanflow.recipe import MeanFlowRecipe
+
+    return MeanFlowRecipe
 
 
 def _noprop():
@@ -76,6 +83,7 @@ def _reversal_jepa():
 # Each recipe with the sections it reads (the engine adds the schedule sections `sample` and `eval`
 # where a recipe does not extend them).
 register_recipe("flow_matching", _FLOW_MATCHING_SECTIONS, _flow_matching)
+register_recipe("meanflow", _MEANFLOW_SECTIONS, _meanflow)
 register_recipe("noprop", {"data": DATA_CONFIG, "model": MODEL_CONFIG, "noprop": NoPropConfig}, _noprop)
 register_recipe("nft", {"rl": RL_CONFIG, "nft": NFTConfig, "flow": FlowConfig}, _nft)
 register_recipe("flowgrpo", {"rl": RL_CONFIG, "grpo": GRPOConfig}, _flowgrpo)

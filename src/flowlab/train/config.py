@@ -62,6 +62,7 @@ class TrainConfig:
     log_every: int = field(default=25, metadata={"min": 1})
     max_nonfinite_steps: int = field(default=20, metadata={"min": 1})
     report_to: str = field(default="tensorboard", metadata=choices("tensorboard", "wandb", "none"))
+    compile: bool = False  # run the model through torch.compile (accelerate's dynamo_backend="inductor")
 
 
 @dataclass

@@ -216,6 +216,7 @@ class Trainer:
             AcceleratorState._reset_state(reset_partial_state=False)
             accelerator = Accelerator(
                 mixed_precision=t.mixed_precision,
+                **({"dynamo_backend": "inductor"} if t.compile else {}),  # train.compile: accelerate's prepare() runs torch.compile
                 log_with=log_with,
                 project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
             )
@@ -304,7 +305,8 @@ class Trainer:
     def ema_model(self) -> torch.nn.Module:
         """A copy of the unwrapped model holding the EMA weights (for sampling, evaluation, saving)."""
         if self._ema_copy is None:
-            self._ema_copy = copy.deepcopy(self.accelerator.unwrap_model(self.model))
+            # the plain module, without train.compile's wrapper: a deep copy of that would hold the compiled call
+            self._ema_copy = copy.deepcopy(self.accelerator.unwrap_model(self.model, keep_torch_compile=False))
             self._ema_copy.requires_grad_(False)
         self.ema.copy_to(self._ema_params(self._ema_copy))
         # parameters outside the EMA (e.g. an old-policy copy) follow the model
@@ -315,7 +317,7 @@ class Trainer:
 
     def _log_startup(self) -> None:
         acc, t = self.accelerator, self.config.train
-        model = acc.unwrap_model(self.model)
+        model = acc.unwrap_model(self.model, keep_torch_compile=False)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
         # frozen copies (an RL recipe's old policy and reference, a LoRA base) are not what is trained

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ...names import SOLVER_NAMES, TOY2D_NAMES
+from ...names import ODE_SOLVER_NAMES, TOY2D_NAMES
 from ...schema import TaggedUnion, choices
 from ...train.config import EvalConfig, SampleConfig
 
@@ -154,7 +154,7 @@ class FlowConfig:
 class FlowSampleConfig(SampleConfig):
     """``sample``: the trainer's grid schedule, plus sampling defaults saved with the pipeline."""
 
-    solver: str = field(default="heun", metadata=choices(*SOLVER_NAMES))
+    solver: str = field(default="heun", metadata=choices(*ODE_SOLVER_NAMES))
     num_inference_steps: int = field(default=16, metadata={"min": 1})
     shift: float = field(default=1.0, metadata={"min": 1e-6})
     guidance_scale: float = 1.0
@@ -166,7 +166,7 @@ class FlowEvalConfig(EvalConfig):
     distance in a classifier's feature space; 2-D toys: sliced Wasserstein distance)."""
 
     num_samples: int = field(default=1000, metadata={"min": 2})
-    solver: str = field(default="heun", metadata=choices(*SOLVER_NAMES))
+    solver: str = field(default="heun", metadata=choices(*ODE_SOLVER_NAMES))
     num_inference_steps: int = field(default=16, metadata={"min": 1})
 
 

@@ -15,8 +15,9 @@ from ...train.recipe import DataSectionRecipe, StepContext, StepOutput
 __all__ = ["FlowMatchingRecipe", "build_velocity_model", "build_scheduler"]
 
 
-def build_velocity_model(config: Config, sample_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """A velocity network from ``model.*`` (or ``model.pretrained``) for samples of ``sample_shape``."""
+def build_velocity_model(config: Config, sample_shape: tuple[int, ...], num_classes: int, mean_flow: bool = False) -> nn.Module:
+    """A velocity network from ``model.*`` (or ``model.pretrained``) for samples of ``sample_shape``;
+    ``mean_flow``: a MeanFlow average-velocity network ``u(x, t, r)`` (``model.type=mlp``)."""
     m = config.model
     if m.pretrained:
         try:
@@ -25,10 +26,19 @@ def build_velocity_model(config: Config, sample_shape: tuple[int, ...], num_clas
             raise ConfigError(f"model.pretrained: cannot load a FlowPipeline from {m.pretrained!r}: {' '.join(str(e).split())}") from None
         if tuple(model.sample_shape) != tuple(sample_shape):
             raise ConfigError(f"model.pretrained: {m.pretrained} draws samples of shape {model.sample_shape}, the data has {sample_shape}")
+        if bool(getattr(model.config, "mean_flow", False)) != mean_flow:
+            raise ConfigError(
+                f"model.pretrained: {m.pretrained} holds a {'MeanFlow' if not mean_flow else 'plain velocity'} model, "
+                f"recipe {config.recipe!r} trains a {'MeanFlow' if mean_flow else 'plain velocity'} model"
+            )
         return model
     if m.type in ("unet", "dit") and len(sample_shape) != 3:
         raise ConfigError(f"model.type={m.type} needs image data (C, H, W); data.name={config.data.name} gives {sample_shape}: use model.type=mlp")
+    if mean_flow and m.type != "mlp":
+        raise ConfigError(f"model.type: MeanFlow's second time input is built into model.type=mlp only, got {m.type!r}")
     common = {"sample_shape": tuple(sample_shape), "num_classes": num_classes, "dropout": m.dropout}
+    if mean_flow:
+        common["mean_flow"] = True
     try:
         model = _construct(m, common)
     except (ValueError, TypeError) as e:  # sizes that do not fit together (groups, heads, patches, block lists)
@@ -61,8 +71,14 @@ def _construct(m, common: dict) -> nn.Module:
     return model
 
 
-def build_scheduler(config: Config) -> FlowScheduler:
-    """The ``FlowScheduler`` saved with the pipeline: training path + sampling defaults."""
+def build_scheduler(config: Config, mean_flow: bool = False) -> FlowScheduler:
+    """The ``FlowScheduler`` saved with the pipeline: training path + sampling defaults (+ whether the
+    model is a MeanFlow model)."""
+    for key, solver in (("sample.solver", config.sample.solver), ("eval.solver", config.eval.solver)):
+        try:
+            FlowScheduler.check_solver(solver, mean_flow)
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e} (recipe {config.recipe!r})") from None
     return FlowScheduler(
         path=config.flow.path,
         prediction_type=config.flow.prediction_type,
@@ -70,6 +86,7 @@ def build_scheduler(config: Config) -> FlowScheduler:
         num_inference_steps=config.sample.num_inference_steps,
         shift=config.sample.shift,
         guidance_scale=config.sample.guidance_scale,
+        mean_flow=mean_flow,
     )
 
 
@@ -79,6 +96,9 @@ class FlowMatchingRecipe(DataSectionRecipe):
     Class-conditional models (``model.class_conditional: true``) are trained with label
     dropout ``model.label_dropout`` to the null class, for classifier-free guidance.
     """
+
+    #: whether the model is a MeanFlow average-velocity model (set by :class:`~flowlab.recipes.meanflow.recipe.MeanFlowRecipe`)
+    mean_flow: bool = False
 
     def __init__(self, config: Config):
         super().__init__(config)
@@ -90,7 +110,7 @@ class FlowMatchingRecipe(DataSectionRecipe):
             prediction_type=f.prediction_type,
             weighting=f.loss_weighting,
         )
-        self.scheduler = build_scheduler(config)
+        self.scheduler = build_scheduler(config, self.mean_flow)
         self.num_classes = 0
 
     name = "flow_matching"
@@ -105,17 +125,24 @@ class FlowMatchingRecipe(DataSectionRecipe):
             self.num_classes = dataset.num_classes
         self.sample_shape = tuple(dataset.sample_shape)
         self.kind = getattr(dataset, "kind", "image" if len(self.sample_shape) == 3 else "vector")
-        return build_velocity_model(self.config, self.sample_shape, self.num_classes)
+        return build_velocity_model(self.config, self.sample_shape, self.num_classes, self.mean_flow)
 
-    def training_step(self, model, batch, ctx: StepContext) -> StepOutput:
+    def data_labels_noise(self, batch, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Data ``x1``, labels after label dropout (``None``: unconditional) and noise ``x0`` of one micro-batch.
+
+        Randomness is drawn for the global batch, in a fixed order (dropout, then noise), then sliced
+        (see :class:`StepContext`)."""
         x1 = batch["x"]
         labels = None
         if self.num_classes > 0:
             labels = batch["label"].long()
             drop = ctx.rand() < self.config.model.label_dropout
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-        # Draw noise and times for the global batch, in a fixed order, then slice (see StepContext).
         x0 = ctx.randn(*x1.shape[1:]).to(x1.dtype)
+        return x1, labels, x0
+
+    def training_step(self, model, batch, ctx: StepContext) -> StepOutput:
+        x1, labels, x0 = self.data_labels_noise(batch, ctx)
         t = ctx.draw(self.loss.time_sampler.sample)
         out = self.loss(lambda xt, tt: model(xt, tt, labels), x1, x_0=x0, t=t)
         return StepOutput(loss=out.loss)

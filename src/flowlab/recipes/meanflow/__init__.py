@@ -1,0 +1,1 @@
+"""The MeanFlow recipe (``recipe: meanflow``): :mod:`.config` (light, validated first) and :mod:`.recipe`."""

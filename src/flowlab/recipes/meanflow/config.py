@@ -1,0 +1,41 @@
+"""Config sections of ``recipe: meanflow``: flow matching's, with ``solver: meanflow`` allowed (and the
+default) for sampling and evaluation, plus ``meanflow:`` (the loss). Light: no torch."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ...names import SOLVER_NAMES
+from ...schema import choices
+from ..flow_matching.config import SECTIONS as FLOW_MATCHING_SECTIONS
+from ..flow_matching.config import FlowEvalConfig, FlowSampleConfig
+
+__all__ = ["MeanFlowConfig", "MeanFlowSampleConfig", "MeanFlowEvalConfig", "SECTIONS"]
+
+
+@dataclass
+class MeanFlowConfig:
+    """``meanflow:``: MeanFlow's loss (Geng et al., 2025; see :class:`~flowlab.flow.MeanFlowLoss`)."""
+
+    distinct_fraction: float = field(default=0.25, metadata={"min": 0.0, "max": 1.0})  # share of pairs with r != t
+    adaptive_p: float = field(default=1.0, metadata={"min": 0.0})  # adaptive weight 1 / (err^2 + c)^p; 0: plain MSE
+    adaptive_c: float = field(default=1e-3, metadata={"min": 1e-12})
+
+
+@dataclass
+class MeanFlowSampleConfig(FlowSampleConfig):
+    """``sample``: as flow matching's, with the one-jump-per-step ``meanflow`` solver (the default) allowed."""
+
+    solver: str = field(default="meanflow", metadata=choices(*SOLVER_NAMES))
+    num_inference_steps: int = field(default=2, metadata={"min": 1})
+
+
+@dataclass
+class MeanFlowEvalConfig(FlowEvalConfig):
+    """``eval``: as flow matching's, with the ``meanflow`` solver (the default) allowed."""
+
+    solver: str = field(default="meanflow", metadata=choices(*SOLVER_NAMES))
+    num_inference_steps: int = field(default=2, metadata={"min": 1})
+
+
+#: The sections of ``recipe: meanflow``.
+SECTIONS = {**FLOW_MATCHING_SECTIONS, "sample": MeanFlowSampleConfig, "eval": MeanFlowEvalConfig, "meanflow": MeanFlowConfig}

@@ -1,0 +1,55 @@
+"""The MeanFlow recipe (``recipe: meanflow``): flow matching's data, model and pipeline, trained on
+MeanFlow's average-velocity loss (:mod:`flowlab.flow.meanflow`) so that the saved ``FlowPipeline``
+samples in one or two steps (``solver="meanflow"``).
+
+It is :class:`~flowlab.recipes.flow_matching.recipe.FlowMatchingRecipe` with ``mean_flow = True`` (the model
+gets its second time input, the scheduler records that the model is a MeanFlow model) and another
+training step; the path, time sampler and coupling are the ``flow:`` section's, as for flow matching.
+"""
+from __future__ import annotations
+
+from ...errors import ConfigError
+from ...flow import MeanFlowLoss
+from ...train.config import Config
+from ...train.recipe import StepContext, StepOutput
+from ..flow_matching.recipe import FlowMatchingRecipe
+
+__all__ = ["MeanFlowRecipe"]
+
+
+
+
+class MeanFlowRecipe(FlowMatchingRecipe):
+    """MeanFlow (``recipe: meanflow``): an average-velocity model ``u(x, t, r)`` for 1-2 step sampling.
+
+    Class-conditional models are trained with label dropout to the null class, as in flow matching,
+    so classifier-free guidance works at sampling time (applied to ``u``).
+    """
+
+    mean_flow = True
+
+    def __init__(self, config: Config):
+        f = config.flow
+        if f.prediction_type != "velocity":
+            raise ConfigError(f"flow.prediction_type: MeanFlow learns an average velocity; set it to 'velocity', got {f.prediction_type!r}")
+        if f.loss_weighting != "none":
+            raise ConfigError(
+                f"flow.loss_weighting: MeanFlow weights its loss adaptively (meanflow.adaptive_p); set it to 'none', got {f.loss_weighting!r}"
+            )
+        super().__init__(config)
+        m = config.meanflow
+        fm = self.loss  # the flow-matching loss built from flow.*: MeanFlow shares its path, time sampler and coupling
+        self.mean_flow_loss = MeanFlowLoss(
+            path=fm.path,
+            time_sampler=fm.time_sampler,
+            coupling=fm.coupling,
+            distinct_fraction=m.distinct_fraction,
+            adaptive_p=m.adaptive_p,
+            adaptive_c=m.adaptive_c,
+        )
+
+    def training_step(self, model, batch, ctx: StepContext) -> StepOutput:
+        x1, labels, x0 = self.data_labels_noise(batch, ctx)
+        t, r = ctx.draw(self.mean_flow_loss.sample_times).unbind(1)
+        out = self.mean_flow_loss(lambda x, tt, rr: model(x, tt, labels, r=rr), x1, x_0=x0, t=t, r=r)
+        return StepOutput(loss=out.loss, logs={"mean_flow_mse": out.squared_error.mean()})
