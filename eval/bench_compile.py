@@ -19,7 +19,6 @@ import importlib.util
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
