@@ -43,10 +43,10 @@ from typing import Any
 
 import torch
 
-RUNTIME = """Runtime: --tiny on the shared 2-core CPU (OMP_NUM_THREADS=1), micro-batches 1 and 2, checkpointing on
-and off: about 10 s. The full-size run needs a CUDA GPU with >= 40 GB (2.5 B-parameter transformer in bf16):
-building the model about 30 s, then 6 configurations x (1 + --repeats) steps, a few minutes on an H100-class card
-(not measured here: no GPU was available)."""
+RUNTIME = """Runtime: --tiny on the shared 2-core CPU (OMP_NUM_THREADS=1), micro-batches 1/4/9, checkpointing on and
+off: about 20 s including imports (measured 20.3 s at a load average of ~12). The full-size run needs a CUDA GPU
+with >= 40 GB (a 2.5 B-parameter transformer in bf16) and was not run here (no GPU was available): 6
+configurations x (1 + --repeats) steps."""
 
 # stabilityai/stable-diffusion-3.5-medium, transformer/config.json. Checked against diffusers: its single-file
 # loader tells SD3.5-Medium apart by pos_embed of 147456 = 384^2 positions (loaders/single_file_utils.py,
@@ -180,10 +180,14 @@ def measure(transformer, config: dict[str, Any], micro_batch: int, checkpointing
     return row
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3g} B" if n >= 1e9 else f"{n / 1e6:.3g} M" if n >= 1e6 else f"{n / 1e3:.3g} k"
+
+
 def format_markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
-    lines = [f"Device: {result['device']}. {s['size']} transformer ({result['parameters'] / 1e9:.3g} B parameters), "
-             f"LoRA rank {s['lora_rank']} ({result['trainable_parameters'] / 1e6:.3g} M trained), {s['resolution']} px, "
+    lines = [f"Device: {result['device']}. {s['size']} transformer ({_count(result['parameters'])} parameters), "
+             f"LoRA rank {s['lora_rank']} ({_count(result['trainable_parameters'])} trained), {s['resolution']} px, "
              f"{s['timesteps']} timestep(s) per step, median of {s['repeats']} steps.", "",
              "| micro-batch | gradient checkpointing | s / step | images / s | peak memory (GiB) |",
              "|---:|:---:|---:|---:|---:|"]

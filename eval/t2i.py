@@ -39,9 +39,8 @@ from typing import Any, Sequence
 import torch
 
 RUNTIME = """Runtime (the shared 2-core CPU, OMP_NUM_THREADS=1): there is no default run; give --base or --run.
-On the tiny SD3 pipeline of the tests (32 px, 2 steps, 4 prompts, JPEG reward) about 5 s including imports;
-SD3.5-Medium at 512 px needs a GPU (about 1 s per image at 40 steps on one H100-class card, by the diffusers
-pipeline's own speed; not measured here)."""
+On the tiny SD3 pipeline of the tests (32 px, 2 steps, 4 prompts, JPEG reward): about 16 s including imports
+and loading (measured 16.1 s at a load average of ~12). SD3.5-Medium at 512 px needs a GPU; not measured here."""
 
 _OPTIONAL_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3",
                         "image_encoder", "feature_extractor")
