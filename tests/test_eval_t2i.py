@@ -129,3 +129,26 @@ def test_bad_inputs_name_the_culprit(tiny, tmp_path):
     assert r.returncode != 0 and "--reward #1" in r.stderr
     r = run_script("--run", str(tmp_path), "--prompts", tiny["prompts"], "--reward", JPEG)
     assert r.returncode != 0 and "config.yaml" in r.stderr
+
+
+def test_scores_a_run_trained_by_train_py(tiny):
+    """End to end: ``train.py`` NFT on the tiny pipeline (1 step), then ``eval/t2i.py --run`` on its folder."""
+    out = tiny["root"] / "nft_run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    train = subprocess.run([
+        sys.executable, "train.py", "recipe=nft", f"output_dir={out}", "seed=0", "rl.pipeline=sd3", f"rl.base={tiny['base']}",
+        "rl.resolution=32", "rl.prompts=[a cat, a dog]", "rl.rewards=[{name: jpeg_compressibility}]", "rl.lora_rank=4",
+        "rl.group_size=2", "rl.num_inference_steps=2", "rl.eval_steps=2", "rl.eval_samples=2", "train.batch_size=2",
+        "train.max_steps=1", "train.lr=1e-2", "train.warmup_steps=0", "train.ema_decay=0", "train.report_to=none",
+        "train.checkpoint_every=0", "sample.every=0", "sample.num_images=2",
+    ], cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert (out / "pipeline" / "pytorch_lora_weights.safetensors").is_file()
+    result = str(tiny["root"] / "nft_run.json")
+    r = run_script("--run", str(out), "--prompts", tiny["prompts"], "--steps", "2", "--reward", JPEG, "--device", "cpu",
+                   "--json", result)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(Path(result).read_text())
+    assert res["model"]["base"] == tiny["base"] and res["model"]["lora"] == str(out / "pipeline")
+    assert res["settings"]["resolution"] == 32  # the run's, from pipeline/flowlab_sd3.json
+    assert res["rewards"]["jpeg_compressibility"]["n"] == 3
