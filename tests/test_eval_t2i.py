@@ -152,3 +152,29 @@ def test_scores_a_run_trained_by_train_py(tiny):
     assert res["model"]["base"] == tiny["base"] and res["model"]["lora"] == str(out / "pipeline")
     assert res["settings"]["resolution"] == 32  # the run's, from pipeline/flowlab_sd3.json
     assert res["rewards"]["jpeg_compressibility"]["n"] == 3
+
+
+def test_run_with_a_fully_fine_tuned_transformer(tiny):
+    """A run whose pipeline/ holds transformer/ (full fine-tuning) is scored with that transformer."""
+    from diffusers import SD3Transformer2DModel
+
+    scores = {}
+    for name, scale in (("same", 1.0), ("moved", 1.5)):
+        run = tiny["root"] / f"full_{name}"
+        transformer = SD3Transformer2DModel.from_pretrained(tiny["base"], subfolder="transformer")
+        with torch.no_grad():
+            transformer.proj_out.weight.mul_(scale)
+        transformer.save_pretrained(str(run / "pipeline" / "transformer"))
+        (run / "config.yaml").write_text(yaml.safe_dump({"rl": {"pipeline": "sd3", "base": tiny["base"]}}))
+        out = str(tiny["root"] / f"full_{name}.json")
+        r = run_script("--run", str(run), "--prompts", tiny["prompts"], *COMMON, "--per-prompt", "--json", out)
+        assert r.returncode == 0, r.stderr[-3000:]
+        res = json.loads(Path(out).read_text())
+        assert res["model"]["transformer"] == str(run / "pipeline" / "transformer") and res["model"]["lora"] is None
+        scores[name] = [x["scores"]["jpeg_compressibility"] for x in res["per_prompt"]]
+    base_out = str(tiny["root"] / "base_again.json")
+    r = run_script("--base", tiny["base"], "--prompts", tiny["prompts"], *COMMON, "--per-prompt", "--json", base_out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    base = [x["scores"]["jpeg_compressibility"] for x in json.loads(Path(base_out).read_text())["per_prompt"]]
+    assert scores["same"] == pytest.approx(base, rel=1e-6)
+    assert scores["moved"] != pytest.approx(base, rel=1e-6)
