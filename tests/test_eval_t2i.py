@@ -178,3 +178,36 @@ def test_run_with_a_fully_fine_tuned_transformer(tiny):
     base = [x["scores"]["jpeg_compressibility"] for x in json.loads(Path(base_out).read_text())["per_prompt"]]
     assert scores["same"] == pytest.approx(base, rel=1e-6)
     assert scores["moved"] != pytest.approx(base, rel=1e-6)
+
+
+def test_geneval_per_category_accuracy_through_the_wire_format(tiny):
+    """The GenEval reward against a fake reference server: per-prompt metadata reaches the server and the
+    per-category accuracies in the JSON equal those recomputed from what the server saw, over several batches."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from test_rewards_servers import FakeGenEvalServer  # tests/ is on sys.path
+
+    tags = ["counting", "colors", "counting", "position", "colors"]
+    rows = [{"prompt": f"a photo of dog {i}", "tag": t, "include": [{"class": "dog", "count": 1}], "exclude": [],
+             "fake_score": 0.1 * (i + 1)} for i, t in enumerate(tags)]
+    prompts = tiny["root"] / "geneval.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = str(tiny["root"] / "geneval.json")
+    with FakeGenEvalServer() as srv:
+        spec = json.dumps({"name": "geneval", "url": srv.url, "timeout": 30.0, "only_strict": False})
+        r = run_script("--base", tiny["base"], "--prompts", str(prompts), "--steps", "2", "--resolution", "32",
+                       "--reward", spec, "--batch-size", "2", "--per-prompt", "--device", "cpu", "--json", out)
+        assert r.returncode == 0, r.stderr[-3000:]
+        seen = [(m["tag"], np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), np.float64).mean() / 255 > 0.5)
+                for req in srv.requests for b, m in zip(req["data"]["images"], req["data"]["meta_datas"])]
+    res = json.loads(Path(out).read_text())["rewards"]["geneval"]
+    assert [t for t, _ in seen] == tags  # metadata travelled in order
+    expected = {t: [float(ok) for tag, ok in seen if tag == t] for t in dict.fromkeys(tags)}
+    assert set(res["categories"]) == set(expected)
+    for t, oks in expected.items():
+        c = res["categories"][t]
+        assert c["count"] == len(oks)
+        assert c["strict_accuracy"] == pytest.approx(sum(oks) / len(oks)) and c["accuracy"] == pytest.approx(sum(oks) / len(oks))
+    assert res["mean"] == pytest.approx(sum(r["fake_score"] for r in rows) / 5)  # score = the server's "scores"
