@@ -27,7 +27,7 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
 from .recipe import Recipe
 
 __all__ = ["TrainingStrategy", "DataParallel", "ParameterOwning", "Sharded", "DeepSpeedZero3", "make_strategy", "full_tensor"]
@@ -201,6 +201,22 @@ class ParameterOwning(TrainingStrategy):
         optimizer.load_state_dict(torch.load(part, map_location="cpu", weights_only=True))  # moved to the parameters by load_state_dict
 
 
+def _fix_fsdp_root(model: nn.Module) -> None:
+    """Make ``model`` the root of its FSDP2 units now rather than at its first forward.
+
+    FSDP2 takes as root the first unit that runs forward, and refuses a root forward afterwards if a
+    unit inside it ran first. RL policies call units inside the model directly (the old-policy copy,
+    the network during rollouts) before the model's own forward, so the root is fixed here, with the
+    lazy initialisation FSDP2 would run at the root's first forward (a private torch API:
+    ``FSDPModule._get_fsdp_state()._lazy_init()``).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        raise TrainingError(f"FSDP: the prepared model ({type(model).__name__}) is not an FSDP2 module; its root was not sharded")
+    model._get_fsdp_state()._lazy_init()
+
+
 class Sharded(DataParallel):
     """Data-parallel training with every parameter sharded by torch FSDP2 (``fully_shard``).
 
@@ -214,8 +230,8 @@ class Sharded(DataParallel):
       ``accelerator.prepare`` shards the model with accelerate's plugin (its auto-wrap policy, mixed
       precision policy, CPU offload). Where accelerate does not set FSDP up (it does so on accelerator
       devices only; a CPU/gloo launch with ``train.fsdp=true``), ``fully_shard`` is applied here: to
-      every submodule holding at least ``train.fsdp_min_num_params`` parameters not yet in a unit
-      (bottom up), then to the root.
+      every submodule with a forward of its own holding at least ``train.fsdp_min_num_params``
+      parameters not yet in a unit (bottom up), then to the root.
     * **EMA on the shards**: the shadow parameters are ``DTensor`` clones of the shards, updated by the
       same fused in-place lerp; no process ever holds a whole EMA between saves.
     * **Checkpoints**: the model and optimiser go through accelerate's FSDP state functions
@@ -264,13 +280,21 @@ class Sharded(DataParallel):
 
     def prepare(self, model, optimizer, recipe):
         if self.by_accelerate:
-            return self.accelerator.prepare(model, optimizer)
+            model, optimizer = self.accelerator.prepare(model, optimizer)
+        else:
+            model, optimizer = self._fully_shard(model, optimizer, recipe)
+        _fix_fsdp_root(self.accelerator.unwrap_model(model))
+        return model, optimizer
+
+    def _fully_shard(self, model, optimizer, recipe):
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import DTensor
 
         model = model.to(self.accelerator.device)
         names = {p: n for n, p in model.named_parameters()}
         for module in reversed(list(model.modules())[1:]):  # children before their parents
+            if type(module).forward is nn.Module.forward:  # a container (ModuleDict, ModuleList) runs no forward of its own
+                continue
             loose = sum(p.numel() for p in module.parameters() if not isinstance(p, DTensor))
             if loose and loose >= self.min_num_params:
                 fully_shard(module)
