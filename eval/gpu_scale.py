@@ -89,7 +89,7 @@ def _build(cls, config: dict, device: torch.device, dtype: torch.dtype):
     torch.manual_seed(0)
     with torch.device(device):
         model = cls.from_config(config)
-    return model.to(dtype)
+    return model if dtype == model.dtype else model.to(dtype)
 
 
 def lora_nft_step_benchmark(name: str, transformer, forward, batch: dict, args, device: torch.device, checkpointing: bool) -> dict:

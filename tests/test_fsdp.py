@@ -147,3 +147,41 @@ def test_dcp_index_with_a_foreign_global_is_refused(tmp_path):
     bad.write_bytes(pickle.dumps(os.system))
     with pytest.raises(CheckpointError, match=r"\.metadata .*refused global (posix|nt)\.system"):
         check_dcp_metadata(bad)
+
+
+# --------------------------------------------------------------------------- RL under FSDP2
+
+
+def _rl_args(out, base, *extra):
+    return ["--config", "configs/nft_digits.yaml", f"output_dir={out}", f"rl.base={base}", "train.batch_size=2", "rl.group_size=4",
+            "train.max_steps=3", "train.log_every=1", "train.checkpoint_every=0", "train.report_to=none", "rl.num_inference_steps=4",
+            "rl.eval_samples=8", "rl.eval_steps=2", "sample.num_images=4", "sample.every=0", "eval.every=0", "eval.enabled=false", *extra]
+
+
+@pytest.fixture(scope="module")
+def rl_base(tmp_path_factory):
+    from conftest import run_checked
+
+    out = tmp_path_factory.mktemp("rl_base")
+    run_checked([sys.executable, "train.py", "--config", "configs/quickstart.yaml", f"output_dir={out}", "model.hidden_dim=32",
+                 "model.depth=2", "model.time_embed_dim=16", "train.max_steps=10", "train.report_to=none", "eval.enabled=false",
+                 "sample.every=0", "train.checkpoint_every=0"])
+    return out / "pipeline"
+
+
+@pytest.mark.parametrize("lora", [0, 4], ids=["full_finetune", "lora"])
+def test_nft_sharded_matches_data_parallel(tmp_path, rl_base, lora):
+    """DiffusionNFT full fine-tuning (its frozen old-policy copy sharded too, soft-updated shard by shard)
+    and LoRA (peft adapters inside the sharded units; the old policy is the ``old`` adapter)."""
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    launch_two_cpu_processes(*_rl_args(ddp, rl_base, f"rl.lora_rank={lora}"))
+    log = launch_two_cpu_processes(*_rl_args(fsdp, rl_base, f"rl.lora_rank={lora}", *SHARD))
+    assert "2 process(es) [MULTI_CPU]" in log and "parameters sharded" in log, log[-2000:]
+    a, b, base = (load_file(p / "velocity_model" / "diffusion_pytorch_model.safetensors") for p in (ddp / "pipeline", fsdp / "pipeline", rl_base))
+    assert a.keys() == b.keys() == base.keys()
+    assert max((a[k] - base[k]).abs().max() for k in a) > 0  # the fine-tune changed the model
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(_loss(fsdp)), torch.tensor(_loss(ddp)), atol=1e-5, rtol=1e-4)
+    if lora:  # the adapter is saved in diffusers' LoRA layout next to the merged pipeline
+        assert sorted(p.name for p in (fsdp / "pipeline").rglob("*lora*.safetensors")) == sorted(p.name for p in (ddp / "pipeline").rglob("*lora*.safetensors"))

@@ -50,6 +50,8 @@ class TrainingStrategy(ABC):
     splits_batch: bool = True
     #: how per-process mean losses combine into the logged loss (``accelerator.reduce`` reduction)
     loss_reduction: str = "mean"
+    #: whether processes hold parts of parameters (the whole model exists only when gathered)
+    holds_shards: bool = False
 
     def __init__(self, accelerator: Accelerator):
         self.accelerator = accelerator
@@ -251,6 +253,8 @@ class Sharded(DataParallel):
         min_num_params: size threshold of the auto-wrap applied when accelerate does not shard.
     """
 
+    holds_shards = True
+
     def __init__(self, accelerator: Accelerator, min_num_params: int = 1_000_000):
         from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
@@ -377,6 +381,8 @@ class DeepSpeedZero3(DataParallel):
       into a plain model built by the recipe and saves it in diffusers layout.
     * **Checkpoints**: accelerate's ``save_state`` (DeepSpeed's own partitioned checkpoint).
     """
+
+    holds_shards = True
 
     def build_ema(self, parameters, decay):
         import deepspeed

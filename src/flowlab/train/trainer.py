@@ -292,12 +292,14 @@ class Trainer:
         params = list(self.accelerator.unwrap_model(model).parameters())
         return [p for p, keep in zip(params, self._ema_mask) if keep == tracked]
 
-    def _sync_owned(self) -> None:
-        """Every process holds the whole trained model and EMA (parameter-owning training broadcasts them),
-        or, when the model is sharded, the main process holds the whole EMA model's state (a collective call)."""
+    def _sync_owned(self, gather: bool = False) -> None:
+        """Every process holds the whole trained model and EMA (parameter-owning training broadcasts them);
+        with ``gather``, when the model is held in shards, the main process also gets the whole EMA
+        model's state for :meth:`ema_model` (a collective call)."""
         model = self.accelerator.unwrap_model(self.model)
         self.strategy.sync_owned(model, self.ema.shadow_params, self._ema_mask)
-        self._gathered = self.strategy.gather_ema_state(model, self.ema.shadow_params, self._ema_mask)
+        if gather:
+            self._gathered = self.strategy.gather_ema_state(model, self.ema.shadow_params, self._ema_mask)
 
     def ema_model(self) -> torch.nn.Module:
         """A copy of the unwrapped model holding the EMA weights (for sampling, evaluation, saving).
@@ -305,9 +307,12 @@ class Trainer:
         When the model is sharded, the copy is a plain model built by the recipe (outside the global
         RNG stream) and loaded with the state :meth:`_sync_owned` gathered; call it after that, on the
         main process."""
-        if self._gathered is not None:
+        if self.strategy.holds_shards:
             if not self._gathered:
-                raise TrainingError("ema_model: the sharded model's EMA state is gathered on the main process only")
+                raise TrainingError(
+                    "ema_model: the model is held in shards; its whole EMA state is gathered on the main process "
+                    "only, by _sync_owned(gather=True) on every process"
+                )
             if self._ema_copy is None:
                 with torch.random.fork_rng(devices=[]):
                     self._ema_copy = self.recipe.build_model(self.dataset).to(self.accelerator.device)
@@ -449,7 +454,7 @@ class Trainer:
         acc, cfg = self.accelerator, self.config
         out: dict = {}
         if sample or evaluate:
-            self._sync_owned()
+            self._sync_owned(gather=True)
         if acc.is_main_process and (sample or evaluate):
             model = self.ema_model()
             if sample:
@@ -467,6 +472,7 @@ class Trainer:
                         acc.log(scalars, step=step)
                     acc.print("flowlab: step %d eval %s" % (step, ", ".join(f"{k[5:]}={v:.4g}" for k, v in scalars.items())))
         acc.wait_for_everyone()
+        self._gathered = None  # a sharded model's gathered state: one whole model of CPU memory, freed
         return out
 
     # ------------------------------------------------------------------ the loop
@@ -614,7 +620,7 @@ class Trainer:
 
     def _finish(self) -> dict:
         acc = self.accelerator
-        self._sync_owned()
+        self._sync_owned(gather=True)
         acc.wait_for_everyone()
         if acc.is_main_process:
             final_dir = self.output_dir / self.recipe.artifact_name
