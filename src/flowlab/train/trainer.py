@@ -6,7 +6,8 @@ mixed precision, clipping, EMA, warm-up + LR schedule, non-finite loss handling,
 atomic checkpoints with ``accelerator.save_state`` and exact resume, a checkpoint and a clean
 stop on SIGINT/SIGTERM (:mod:`~flowlab.train.interrupt`), trackers, periodic samples and
 evaluation, and the final artefact. What it delegates: how processes share a step
-(:mod:`~flowlab.train.strategy`: data-parallel or parameter-owning), the run folder and
+(:mod:`~flowlab.train.strategy`: data-parallel, parameter-owning, sharded with FSDP2, or gathered
+under DeepSpeed ZeRO-3), the run folder and
 ``metrics.jsonl`` (:mod:`~flowlab.train.run_folder`), the EMA (:mod:`~flowlab.train.ema`) and the
 checkpoint files (:mod:`~flowlab.train.checkpoint`).
 
