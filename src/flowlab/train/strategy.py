@@ -241,7 +241,8 @@ class Sharded(DataParallel):
       accelerate FSDP launch and this class calls otherwise), in the plugin's state-dict type
       (``SHARDED_STATE_DICT``: a ``torch.distributed.checkpoint`` folder written by all processes).
       The EMA shards are saved with ``torch.distributed.checkpoint`` in ``ema_fsdp/`` and its
-      counters in ``ema_state.json``. Resume is exact; DCP can also reshard to another process count.
+      counters in ``ema_state.json``. Resume with the same process count is exact (tested);
+      resuming on another count (DCP reshards) is untested.
     * **Evaluation, samples and the final artefact**: the whole model with the EMA weights is gathered
       to the main process's CPU (one parameter at a time through every process), loaded into a plain
       copy of the model built by the recipe, and used as a copy of the model is in data-parallel
