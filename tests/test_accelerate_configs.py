@@ -52,17 +52,30 @@ def test_multinode_placeholders_are_documented():
     assert (args.machine_rank, args.main_process_ip, args.num_machines, args.multi_gpu) == (1, "192.168.0.7", 2, True)
 
 
-def test_fsdp_is_full_shard_with_a_full_state_dict():
+def test_fsdp_is_fsdp2_full_shard_with_sharded_checkpoints():
     cfg = load_config_from_file(os.path.join(ACC, "fsdp.yaml"))
     assert cfg.distributed_type == DistributedType.FSDP
     env = prepare_multi_gpu_env(_launch_args("fsdp.yaml"))
-    assert env["FSDP_SHARDING_STRATEGY"] == "FULL_SHARD"
-    assert env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"  # single files: flowlab's manifest covers them
+    assert env["FSDP_VERSION"] == "2"  # flowlab's Sharded strategy refuses FSDP1
+    assert env["FSDP_RESHARD_AFTER_FORWARD"] == "true"  # FULL_SHARD
+    assert env["FSDP_STATE_DICT_TYPE"] == "SHARDED_STATE_DICT"  # accelerate's sharded save_state
     assert env["FSDP_AUTO_WRAP_POLICY"] == "SIZE_BASED_WRAP" and int(env["FSDP_MIN_NUM_PARAMS"]) > 0
-    assert env["FSDP_USE_ORIG_PARAMS"] == "true"
+    from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.constants import FSDP_AUTO_WRAP_POLICY, FSDP_STATE_DICT_TYPE
+    from torch.distributed.fsdp import StateDictType
 
     assert env["FSDP_AUTO_WRAP_POLICY"] in FSDP_AUTO_WRAP_POLICY and env["FSDP_STATE_DICT_TYPE"] in FSDP_STATE_DICT_TYPE
+    # the plugin accelerate builds from this environment on every process of the launch
+    fsdp_env = {k: v for k, v in env.items() if k.startswith(("FSDP_", "ACCELERATE_USE_FSDP"))}
+    old = {k: os.environ.get(k) for k in fsdp_env}
+    os.environ.update(fsdp_env)
+    try:
+        plugin = FullyShardedDataParallelPlugin()
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    assert plugin.state_dict_type == StateDictType.SHARDED_STATE_DICT
 
 
 def test_deepspeed_is_zero2_and_leaves_accumulation_to_one_step():
@@ -75,6 +88,17 @@ def test_deepspeed_is_zero2_and_leaves_accumulation_to_one_step():
     assert args.use_deepspeed and args.zero_stage == 2 and float(args.gradient_clipping) == 1.0
 
 
+def test_deepspeed_zero3_builds_whole_models_and_leaves_accumulation_to_one_step():
+    cfg = load_config_from_file(os.path.join(ACC, "deepspeed_zero3.yaml"))
+    assert cfg.distributed_type == DistributedType.DEEPSPEED
+    ds = cfg.deepspeed_config
+    assert ds["zero_stage"] == 3 and ds["gradient_accumulation_steps"] == 1
+    assert ds["zero3_init_flag"] is False  # recipes build whole models; accelerator.prepare partitions them
+    assert float(ds["gradient_clipping"]) == load_config().train.max_grad_norm
+    args = _launch_args("deepspeed_zero3.yaml")
+    assert args.use_deepspeed and args.zero_stage == 3
+
+
 # --------------------------------------------------------------------------- the trainer's guard
 
 
@@ -83,9 +107,14 @@ def _fake_accelerator(kind, ds_config=None, zero_stage=None, processes=4):
     return types.SimpleNamespace(distributed_type=kind, num_processes=processes, state=types.SimpleNamespace(deepspeed_plugin=plugin))
 
 
-def test_guard_refuses_fsdp_clearly():
-    with pytest.raises(ConfigError, match="FSDP .* not supported .* DDP .* ZeRO-2"):
-        _check_sharded_setup(_fake_accelerator(DistributedType.FSDP), load_config().train, 8)
+def test_guard_lets_fsdp_through():  # the Sharded strategy handles it (tests/test_fsdp.py)
+    _check_sharded_setup(_fake_accelerator(DistributedType.FSDP), load_config(None, ["train.grad_accum_steps=4"]).train, 8)
+
+
+def test_guard_deepspeed_zero3_is_let_through_with_its_micro_batch():  # DeepSpeedZero3 gathers (strategy.py)
+    ds = {"zero_optimization": {"stage": 3}}
+    _check_sharded_setup(_fake_accelerator(DistributedType.DEEPSPEED, ds), load_config().train, 4)
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["train_batch_size"] == 16
 
 
 def test_guard_deepspeed_zero2_gets_its_micro_batch():
@@ -97,7 +126,7 @@ def test_guard_deepspeed_zero2_gets_its_micro_batch():
 @pytest.mark.parametrize(
     "ds,overrides,match",
     [
-        ({"zero_optimization": {"stage": 3}}, [], "ZeRO-3"),
+        ({"zero_optimization": {"stage": 4}}, [], "zero_stage: 4 is not a ZeRO stage"),
         ({"zero_optimization": {"stage": 2}}, ["train.grad_accum_steps=2"], "train.grad_accum_steps"),
         ({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4}, [], "gradient_accumulation_steps=4"),
     ],

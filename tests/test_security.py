@@ -61,7 +61,14 @@ def _is_const(node, value) -> bool:
 # this module reads those answers with an Unpickler whose find_class admits only plain data and numpy
 # arrays (no callable can be named, so nothing runs); tests/test_rewards_servers.py checks that a
 # payload calling os.system is refused before it runs.
-PICKLE_ALLOWED = {os.path.join("src", "flowlab", "rewards", "restricted_pickle.py")}
+# The checkpoint module may too: torch.distributed.checkpoint (sharded FSDP checkpoints) reads its
+# ``.metadata`` index with a plain pickle.load, so verify_checkpoint first reads each index with an
+# Unpickler whose find_class admits only DCP's metadata classes, torch dtypes/sizes and paths
+# (tests/test_fsdp.py::test_dcp_index_with_a_foreign_global_is_refused checks os.system is refused).
+PICKLE_ALLOWED = {
+    os.path.join("src", "flowlab", "rewards", "restricted_pickle.py"),
+    os.path.join("src", "flowlab", "train", "checkpoint.py"),
+}
 
 
 def _problems(path: str) -> list[str]:

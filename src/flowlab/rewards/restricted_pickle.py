@@ -19,8 +19,9 @@ Anything else (a class, a function, ``builtins.eval``) raises
 :class:`~flowlab.errors.RewardError` naming the refused global, before it is called.
 :func:`dumps` is plain ``pickle.dumps`` (protocol 4): what we send is our own data.
 
-This module is the one place flowlab imports :mod:`pickle` (``tests/test_security.py``
-allows exactly this file).
+This module is one of the two places flowlab imports :mod:`pickle`, both with a restricted
+``find_class`` (the other: :func:`flowlab.train.checkpoint.check_dcp_metadata`; ``tests/test_security.py``
+allows exactly these files).
 """
 from __future__ import annotations
 

@@ -31,6 +31,7 @@ __all__ = [
     "prune_checkpoints",
     "replace_dir_atomic",
     "check_weights_only",
+    "check_dcp_metadata",
     "write_error_message",
 ]
 
@@ -119,11 +120,54 @@ def check_weights_only(file: str | os.PathLike, name: str | None = None) -> None
         ) from None
 
 
+#: what a ``torch.distributed.checkpoint`` ``.metadata`` pickle may name (a sharded FSDP checkpoint's index)
+_DCP_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": None,  # any of its dataclasses and enums
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+DCP_METADATA = ".metadata"
+
+
+def check_dcp_metadata(file: str | os.PathLike, name: str | None = None) -> None:
+    """Refuse a ``torch.distributed.checkpoint`` index (``.metadata``) that names anything but DCP's own
+    metadata classes, torch dtypes/sizes and paths.
+
+    DCP reads this file with a plain ``pickle.load`` when a sharded (FSDP) checkpoint is loaded, so a
+    crafted one could run code; it is unpickled here first with an allow-list (:data:`_DCP_GLOBALS`).
+
+    Raises:
+        CheckpointError: naming ``name`` (default: the file) and the refused global.
+    """
+    import pickle
+
+    import torch
+
+    class _Restricted(pickle.Unpickler):
+        def find_class(self, module: str, qualname: str):
+            allowed = _DCP_GLOBALS.get(module, set())
+            if module == "torch" and isinstance(getattr(torch, qualname, None), (torch.dtype, type(torch.Size))):
+                return getattr(torch, qualname)
+            if module in _DCP_GLOBALS and (allowed is None or qualname in allowed):
+                return super().find_class(module, qualname)
+            raise pickle.UnpicklingError(f"refused global {module}.{qualname}")
+
+    name = name or str(file)
+    try:
+        with open(file, "rb") as f:
+            _Restricted(f).load()
+    except Exception as e:  # noqa: BLE001 - any failure to load safely is a refusal
+        raise CheckpointError(f"{name} is not a plain torch.distributed.checkpoint index, so it is not loaded: {e}") from None
+
+
 def verify_checkpoint(path: str | os.PathLike) -> dict:
     """Check every file of a checkpoint against its manifest; return its trainer state.
 
     Every pickled file (``.bin``, ``.pkl``, ``.pt``) must also load with ``weights_only=True``
-    (:func:`check_weights_only`).
+    (:func:`check_weights_only`), and every ``torch.distributed.checkpoint`` index of a sharded
+    checkpoint through :func:`check_dcp_metadata`.
 
     Raises:
         CheckpointError: naming the checkpoint and the file that is missing, truncated, altered
@@ -155,6 +199,8 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
     for f in sorted(path.rglob("*")):  # every pickle, listed in the manifest or not
         if f.is_file() and f.name.endswith(PICKLE_SUFFIXES):
             check_weights_only(f, f"checkpoint {path}: {f.relative_to(path)}")
+        elif f.is_file() and f.name == DCP_METADATA:
+            check_dcp_metadata(f, f"checkpoint {path}: {f.relative_to(path)}")
     try:
         return json.loads((path / STATE).read_text())
     except (OSError, json.JSONDecodeError) as e:

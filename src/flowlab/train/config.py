@@ -63,6 +63,11 @@ class TrainConfig:
     max_nonfinite_steps: int = field(default=20, metadata={"min": 1})
     report_to: str = field(default="tensorboard", metadata=choices("tensorboard", "wandb", "none"))
     compile: bool = False  # run the model through torch.compile (accelerate's dynamo_backend="inductor")
+    # shard parameters, gradients and optimiser state with torch FSDP2 (``fully_shard``) on a launch where
+    # accelerate does not set FSDP up itself (a CPU/gloo multi-process launch); an accelerate FSDP launch
+    # (configs/accelerate/fsdp.yaml) shards whatever this says
+    fsdp: bool = False
+    fsdp_min_num_params: int = field(default=1_000_000, metadata={"min": 0})  # submodules this large get their own FSDP unit
 
 
 @dataclass

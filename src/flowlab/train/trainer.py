@@ -6,7 +6,8 @@ mixed precision, clipping, EMA, warm-up + LR schedule, non-finite loss handling,
 atomic checkpoints with ``accelerator.save_state`` and exact resume, a checkpoint and a clean
 stop on SIGINT/SIGTERM (:mod:`~flowlab.train.interrupt`), trackers, periodic samples and
 evaluation, and the final artefact. What it delegates: how processes share a step
-(:mod:`~flowlab.train.strategy`: data-parallel or parameter-owning), the run folder and
+(:mod:`~flowlab.train.strategy`: data-parallel, parameter-owning, sharded with FSDP2, or gathered
+under DeepSpeed ZeRO-3), the run folder and
 ``metrics.jsonl`` (:mod:`~flowlab.train.run_folder`), the EMA (:mod:`~flowlab.train.ema`) and the
 checkpoint files (:mod:`~flowlab.train.checkpoint`).
 
@@ -49,11 +50,10 @@ from .checkpoint import (
     write_error_message,
 )
 from .config import Config, ConfigError, config_to_dict
-from .ema import InPlaceEMA
 from .interrupt import StopSignals
 from .recipe import Recipe, StepContext
 from .run_folder import RunFolder
-from .strategy import make_strategy
+from .strategy import full_tensor, make_strategy
 
 __all__ = ["Trainer", "TrainingError", "TrainingInterrupted"]
 
@@ -140,25 +140,20 @@ def _check_sharded_setup(acc: Accelerator, t, micro_local: int) -> None:
 
     - DeepSpeed steps its engine inside every ``accelerator.backward`` unless accumulation goes
       through ``accelerator.accumulate`` (flowlab's loop uses ``no_sync`` micro-steps), so only
-      ``train.grad_accum_steps=1`` is correct; ZeRO-3 shards parameters, which the EMA and the final
-      ``save_pretrained`` need whole. The per-device micro-batch is given to DeepSpeed here (flowlab
-      does not ``prepare`` a DataLoader it could read it from).
-    - FSDP shards parameters: the EMA and the final artefact would hold shards.
+      ``train.grad_accum_steps=1`` is correct. The per-device micro-batch is given to DeepSpeed here
+      (flowlab does not ``prepare`` a DataLoader it could read it from). ZeRO-3 partitions the
+      parameters: :class:`~flowlab.train.strategy.DeepSpeedZero3` gathers them for the EMA and saves.
+    - FSDP needs nothing here: :class:`~flowlab.train.strategy.Sharded` keeps the EMA on the shards and
+      gathers the whole model for evaluation and the final save.
     """
     from accelerate.utils import DistributedType
 
-    if acc.distributed_type == DistributedType.FSDP:
-        raise ConfigError(
-            "FSDP (accelerate launch --config_file configs/accelerate/fsdp.yaml) is not supported by flowlab's "
-            "trainer yet: the EMA and the final save_pretrained need whole parameters, FSDP shards them. "
-            "Use DDP (configs/accelerate/ddp_gpu.yaml) or DeepSpeed ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml)."
-        )
     if acc.distributed_type == DistributedType.DEEPSPEED:
         plugin = acc.state.deepspeed_plugin
         ds = plugin.deepspeed_config
         stage = int(ds.get("zero_optimization", {}).get("stage", plugin.zero_stage or 0))
-        if stage > 2:
-            raise ConfigError(f"DeepSpeed ZeRO-{stage}: flowlab supports ZeRO stages 0-2 (ZeRO-3 shards the parameters the EMA and the final save need)")
+        if stage > 3:
+            raise ConfigError(f"DeepSpeed zero_stage: {stage} is not a ZeRO stage (0-3)")
         gas = ds.get("gradient_accumulation_steps", 1)
         if t.grad_accum_steps != 1 or gas not in (1, "auto"):
             raise ConfigError(
@@ -230,7 +225,7 @@ class Trainer:
                 "single process, so they would train separately and overwrite each other's output. On a CPU-only "
                 "machine launch with: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N train.py ..."
             )
-        self.strategy = make_strategy(self.recipe, accelerator)
+        self.strategy = make_strategy(self.recipe, accelerator, t.fsdp, t.fsdp_min_num_params)
         self.run = RunFolder(self.output_dir, accelerator.is_main_process, self.recipe.artifact_name)
         shards = self.strategy.num_shards
         if t.batch_size % (shards * t.grad_accum_steps):
@@ -284,11 +279,12 @@ class Trainer:
         # old-policy copy, would only cost memory); `_ema_mask` says which of the unwrapped model's
         # parameters the shadow list follows.
         self._ema_mask = [p.requires_grad for p in acc.unwrap_model(self.model).parameters()]
-        self.ema = InPlaceEMA(self._ema_params(self.model), decay=t.ema_decay)
+        self.ema = self.strategy.build_ema(self._ema_params(self.model), t.ema_decay)
         self.ema.to(acc.device)
-        acc.register_for_checkpointing(self.lr_scheduler, self.ema, *self.strategy.checkpointed_modules(self.model))
+        acc.register_for_checkpointing(self.lr_scheduler, *self.strategy.checkpointed_objects(self.model, self.ema))
         self._clip_groups = self.recipe.grad_clip_groups(acc.unwrap_model(self.model))
         self._ema_copy = None
+        self._gathered: dict | None = None  # the whole EMA model's state on the main process, when sharded
         self.stream = _IndexStream(len(self.dataset), cfg.seed)
         self.in_memory = hasattr(self.dataset, "get_batch")
 
@@ -298,12 +294,34 @@ class Trainer:
         params = list(self.accelerator.unwrap_model(model).parameters())
         return [p for p, keep in zip(params, self._ema_mask) if keep == tracked]
 
-    def _sync_owned(self) -> None:
-        """Every process holds the whole trained model and EMA (parameter-owning training broadcasts them)."""
-        self.strategy.sync_owned(self.accelerator.unwrap_model(self.model), self.ema.shadow_params, self._ema_mask)
+    def _sync_owned(self, gather: bool = False) -> None:
+        """Every process holds the whole trained model and EMA (parameter-owning training broadcasts them);
+        with ``gather``, when the model is held in shards, the main process also gets the whole EMA
+        model's state for :meth:`ema_model` (a collective call)."""
+        model = self.accelerator.unwrap_model(self.model)
+        self.strategy.sync_owned(model, self.ema.shadow_params, self._ema_mask)
+        if gather:
+            self._gathered = self.strategy.gather_ema_state(model, self.ema.shadow_params, self._ema_mask)
 
     def ema_model(self) -> torch.nn.Module:
-        """A copy of the unwrapped model holding the EMA weights (for sampling, evaluation, saving)."""
+        """A copy of the unwrapped model holding the EMA weights (for sampling, evaluation, saving).
+
+        When the model is sharded, the copy is a plain model built by the recipe (outside the global
+        RNG stream) and loaded with the state :meth:`_sync_owned` gathered; call it after that, on the
+        main process."""
+        if self.strategy.holds_shards:
+            if not self._gathered:
+                raise TrainingError(
+                    "ema_model: the model is held in shards; its whole EMA state is gathered on the main process "
+                    "only, by _sync_owned(gather=True) on every process"
+                )
+            if self._ema_copy is None:
+                with torch.random.fork_rng(devices=[]):
+                    self._ema_copy = self.recipe.build_model(self.dataset).to(self.accelerator.device)
+                self._ema_copy.requires_grad_(False)
+            self._ema_copy.load_state_dict(self._gathered)
+            self._ema_copy.eval()
+            return self._ema_copy
         if self._ema_copy is None:
             # the plain module, without train.compile's wrapper: a deep copy of that would hold the compiled call
             self._ema_copy = copy.deepcopy(self.accelerator.unwrap_model(self.model, keep_torch_compile=False))
@@ -318,8 +336,9 @@ class Trainer:
     def _log_startup(self) -> None:
         acc, t = self.accelerator, self.config.train
         model = acc.unwrap_model(self.model, keep_torch_compile=False)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        count = self.strategy.count_parameters
+        trainable = sum(count(p) for p in model.parameters() if p.requires_grad)
+        frozen = sum(count(p) for p in model.parameters() if not p.requires_grad)
         # frozen copies (an RL recipe's old policy and reference, a LoRA base) are not what is trained
         params = f"{_count(trainable)} trainable" + (f" + {_count(frozen)} frozen" if frozen else "") + " params"
         acc.print(
@@ -383,7 +402,7 @@ class Trainer:
         acc.wait_for_everyone()
         try:
             acc.save_state(str(tmp))
-            self.strategy.save_optimizer_state(self.optimizer, tmp)
+            self.strategy.save_extra_state(tmp, self.model, self.optimizer, self.ema)
             window = log_window if log_window is not None else torch.zeros(4, dtype=torch.float64)
             windows = acc.gather(window.to(acc.device, torch.float64)[None]).cpu().tolist()
             acc.wait_for_everyone()
@@ -423,7 +442,7 @@ class Trainer:
             acc.load_state(str(path))
         except (RuntimeError, ValueError, KeyError) as e:  # shapes / parameter groups of another model
             raise ConfigError(_resume_mismatch(path, state, self.config, e)) from None
-        self.strategy.load_optimizer_state(self.optimizer, Path(path))
+        self.strategy.load_extra_state(Path(path), self.model, self.optimizer, self.ema)
         self._write_pending_config()
         windows = state.get("log_window")
         if isinstance(windows, list) and len(windows) == acc.num_processes:
@@ -438,7 +457,7 @@ class Trainer:
         acc, cfg = self.accelerator, self.config
         out: dict = {}
         if sample or evaluate:
-            self._sync_owned()
+            self._sync_owned(gather=True)
         if acc.is_main_process and (sample or evaluate):
             model = self.ema_model()
             if sample:
@@ -456,6 +475,7 @@ class Trainer:
                         acc.log(scalars, step=step)
                     acc.print("flowlab: step %d eval %s" % (step, ", ".join(f"{k[5:]}={v:.4g}" for k, v in scalars.items())))
         acc.wait_for_everyone()
+        self._gathered = None  # a sharded model's gathered state: one whole model of CPU memory, freed
         return out
 
     # ------------------------------------------------------------------ the loop
@@ -528,14 +548,14 @@ class Trainer:
             if strategy.step_is_finite(finite):
                 if t.max_grad_norm > 0 and self._clip_groups is not None:
                     acc.unscale_gradients()
-                    norms = [torch.nn.utils.clip_grad_norm_(g, t.max_grad_norm) for g in self._clip_groups if g]
+                    norms = [full_tensor(torch.nn.utils.clip_grad_norm_(g, t.max_grad_norm)) for g in self._clip_groups if g]
                     grad_norm = torch.stack(norms).pow(2).sum().sqrt() if norms else grad_norm
                 elif t.max_grad_norm > 0:
                     norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)  # None under DeepSpeed before its first step
-                    grad_norm = grad_norm if norm is None else norm
+                    grad_norm = grad_norm if norm is None else full_tensor(norm)  # a DTensor when sharded
                 optimizer.step()
                 self.lr_scheduler.step()
-                self.ema.step(self._ema_params(model))
+                strategy.ema_step(self.ema, self._ema_params(model))
                 step_logs = self.recipe.on_step_end(acc.unwrap_model(model), step)
                 if step_logs:
                     extra_logs = {**extra_logs, **step_logs}
@@ -603,7 +623,7 @@ class Trainer:
 
     def _finish(self) -> dict:
         acc = self.accelerator
-        self._sync_owned()
+        self._sync_owned(gather=True)
         acc.wait_for_everyone()
         if acc.is_main_process:
             final_dir = self.output_dir / self.recipe.artifact_name
