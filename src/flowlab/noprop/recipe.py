@@ -52,6 +52,8 @@ class NoPropConfig:
     schedule_eps: float = field(default=1e-3, metadata={"min": 1e-8, "max": 0.1})  # dt schedule clamp
     solver: str = field(default="euler", metadata=_choices(*SOLVERS))  # ct, fm inference
     inference_steps: int = field(default=20, metadata={"min": 1})
+    # dt: posterior-noise scale at inference (1: the paper's sampled chain; 0: the posterior-mean chain, as back-prop's)
+    inference_noise: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     eval_steps: list[int] = field(default_factory=list)  # ct, fm: also report accuracy at these step counts
     eval_split: str = "test"  # held-out split for `evaluate`
     eval_max_examples: int = field(default=10000, metadata={"min": 1})
@@ -84,6 +86,7 @@ def build_classifier(config: Config, image_shape, num_classes: int) -> NoPropCla
         embedding=n.embedding, embed_dim=n.embed_dim, hidden_dim=n.hidden_dim, dropout=n.dropout, channels=tuple(n.channels),
         time_embed_dim=n.time_embed_dim, backbone=n.backbone, backbone_config=backbone_config, gamma_0=n.gamma_0,
         gamma_1=n.gamma_1, schedule_eps=n.schedule_eps, solver=n.solver, inference_steps=n.inference_steps,
+        inference_noise=n.inference_noise,
     )
 
 
