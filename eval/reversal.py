@@ -10,6 +10,10 @@
     # on a fresh dataset (other seed and sizes): overrides go to all three configs
     python eval/reversal.py --train --set reversal.data_seed=7 reversal.num_entities_a=2400 reversal.num_entities_b=800
 
+    # several facts per entity: every model trains on F facts per entity for F times the steps (the same epochs),
+    # the JEPA models with concepts bound to (entity, role) (reversal.binding=relation, docs/jepa.md)
+    python eval/reversal.py --train --facts-per-entity 2 --models ar jepa_memory --json reversal_f2.json
+
 For each model: accuracy and MRR of the gold entity ranked among *all* entities, on ``seen``
 (group A's training facts), ``forward`` (group B's trained direction) and ``reverse`` (group B's
 held-out direction, never trained), the first ``--max-queries`` facts of each split (500).
@@ -61,11 +65,27 @@ def evaluate_run(run_dir: str, max_queries: int | None = None) -> tuple[str, dic
     return model_key(model), evaluate_reversal(model, data, max_queries)
 
 
-def train_all(workdir: str, overrides: list[str], keys: list[str]) -> dict[str, tuple[str, float]]:
-    """Train the shipped configs through the shared Trainer; ``{key: (run_dir, seconds)}``."""
-    from flowlab.recipes import train_benchmark_runs
+def facts_overrides(key: str, facts_per_entity: int, max_steps: int) -> list[str]:
+    """Overrides of config ``key`` (whose ``train.max_steps`` is ``max_steps``) for ``facts_per_entity`` facts per
+    entity: the facts, ``F`` times the steps (each fact is seen as often as with one fact per entity) and, for the
+    JEPA models when ``F > 1``, concepts bound to (entity, role) -- one concept per entity must fit the cycles
+    that several facts per entity form, which one map per relation cannot (docs/jepa.md)."""
+    out = [f"reversal.facts_per_entity={facts_per_entity}", f"train.max_steps={max_steps * facts_per_entity}"]
+    if key != "ar" and facts_per_entity > 1:
+        out.append("reversal.binding=relation")
+    return out
 
-    return train_benchmark_runs({k: os.path.join(ROOT, "configs", CONFIGS[k]) for k in keys}, workdir, "reversal", overrides)
+
+def train_all(workdir: str, overrides: list[str], keys: list[str], facts_per_entity: int = 1) -> dict[str, tuple[str, float]]:
+    """Train the shipped configs through the shared Trainer; ``{key: (run_dir, seconds)}``."""
+    from flowlab.recipes import load_config, train_benchmark_runs
+
+    runs = {}
+    for key in keys:
+        path = os.path.join(ROOT, "configs", CONFIGS[key])
+        facts = facts_overrides(key, facts_per_entity, load_config(path).train.max_steps) if facts_per_entity > 1 else []
+        runs.update(train_benchmark_runs({key: path}, workdir, "reversal", [*facts, *overrides]))  # --set wins
+    return runs
 
 
 def format_table(results: dict, seconds: dict | None = None) -> str:
@@ -90,6 +110,9 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="with --train: which ones")
     p.add_argument("--set", nargs="*", default=[], metavar="key=value", help="with --train: config overrides for every model")
     p.add_argument("--workdir", default=None, help="with --train: where the runs go (default: a temporary folder)")
+    p.add_argument("--facts-per-entity", type=int, default=1, metavar="F",
+                   help="with --train: facts per entity (default 1); F > 1 trains F times the steps and binds the JEPA "
+                        "models' concepts to (entity, role) (reversal.binding=relation)")
     p.add_argument("--max-queries", type=int, default=500,
                    help="evaluate the first N facts of each split (default 500: all of group B's 500 forward and 500 "
                         "reverse facts at the shipped sizes, 500 of group A's 2000; 0: every fact)")
@@ -97,13 +120,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not args.train and not args.runs:
         p.error("give --runs DIR... or --train")
+    if args.facts_per_entity < 1:
+        p.error(f"--facts-per-entity: must be >= 1, got {args.facts_per_entity}")
+    if args.facts_per_entity > 1 and not args.train:
+        p.error("--facts-per-entity: only with --train (trained runs carry their data and its facts per entity)")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     t_start = time.perf_counter()
     seconds: dict = {}
     run_dirs = list(args.runs or [])
     if args.train:
         workdir = args.workdir or tempfile.mkdtemp(prefix="reversal_bench_")
-        trained = train_all(workdir, args.set, args.models)
+        trained = train_all(workdir, args.set, args.models, args.facts_per_entity)
         run_dirs += [d for d, _ in trained.values()]
         seconds = {k: s for k, (_, s) in trained.items()}
     results: dict = {}

@@ -273,6 +273,11 @@ class JEPAConfig(PreTrainedConfig):
         predictor_layers: causal layers over the concept sequence. mlp_ratio: MLP width / ``d``.
         max_patch_len: tokens per patch at most (positional embeddings inside a patch).
         memory: encode entities by mean-pooling + a top-1 key-value memory (one frozen key per concept).
+        binding: what an entity concept is bound to. ``"entity"``: one concept per entity, the same in every
+            fact. ``"relation"``: one concept per (entity, role) pair -- the entity as the head of relation
+            ``rho`` is the patch ``[name tokens, rho]``, and the answer to ``(h, r, ?)`` is the entity in role
+            ``r^-1`` -- so the fact ``(h, r, t)`` and its reverse ``(t, r^-1, h)`` share two concepts that no other
+            fact uses (several facts per entity no longer chain concepts into cycles; see docs/jepa.md).
         temperature: contrastive temperature ``tau`` (logits are ``cos / tau``).
         mask_token_id: token of the mask patch.
         vocab, entity_tokens, relation_names, relation_tokens: the data's vocabulary (for ``answer``).
@@ -287,6 +292,7 @@ class JEPAConfig(PreTrainedConfig):
     mlp_ratio: int = 4
     max_patch_len: int = 3
     memory: bool = False
+    binding: str = "entity"
     temperature: float = 0.1
     dropout: float = 0.0
     mask_token_id: int = 1
@@ -314,6 +320,9 @@ class JEPAConceptModel(EntityQueryMixin, PreTrainedModel):
 
     The concepts of all entities (:meth:`all_entity_concepts`) are cached between queries in eval mode
     without autograd, and recomputed whenever the weights change.
+    * **Binding** (``binding="relation"``): concepts are indexed by *entity keys* ``e * 2R + rho`` (the entity
+      ``e`` in the role of relation ``rho``'s head, patch ``[name tokens, rho]``) instead of by entity ids; a
+      query ``(h, r)`` reads the key of ``(h, r)`` and is answered among the keys ``(e, r^-1)``.
     """
 
     config_class = JEPAConfig
@@ -324,9 +333,11 @@ class JEPAConceptModel(EntityQueryMixin, PreTrainedModel):
         super().__init__(config)
         d = config.hidden_size
         self._register_vocab(config)
+        if config.binding not in ("entity", "relation"):
+            raise ValueError(f"binding: must be 'entity' or 'relation', got {config.binding!r}")
         self.token_embed = nn.Embedding(config.vocab_size, d)
         if config.memory:
-            n_slots = self.num_entities + len(config.relation_tokens or [0]) + 1
+            n_slots = self.num_entity_keys + len(config.relation_tokens or [0]) + 1
             self.memory = TopOneMemory(n_slots, d, d)
             self.token_embed.weight.requires_grad_(False)  # the keys are frozen copies of mean embeddings
         else:
@@ -355,10 +366,39 @@ class JEPAConceptModel(EntityQueryMixin, PreTrainedModel):
         elif isinstance(module, TopOneMemory):
             nn.init.normal_(module.values, std=1.0)
 
+    # ------------------------------------------------------------------ entity keys (binding)
+    @property
+    def num_entity_keys(self) -> int:
+        """Entity concepts the model holds: ``N`` (``binding="entity"``) or ``N * 2R`` (``"relation"``)."""
+        if self.config.binding == "entity":
+            return self.num_entities
+        return self.num_entities * len(self.config.relation_tokens or [0])
+
+    def inverse_relation(self, relations: Tensor) -> Tensor:
+        """Ids of the inverse relations: ``r <-> r + R`` (the data's convention, :mod:`flowlab.data.reversal`)."""
+        two_r = len(self.config.relation_tokens or [0])
+        return (relations + two_r // 2) % two_r
+
+    def entity_keys(self, entities: Tensor, roles: Tensor) -> Tensor:
+        """Concept keys ``(n,)`` of entities ``(n,)`` as heads of relations ``roles`` (``(n,)`` relation ids):
+        the entity id itself (``binding="entity"``) or ``entity * 2R + role`` (``"relation"``)."""
+        if self.config.binding == "entity":
+            return entities
+        return entities * len(self.config.relation_tokens) + roles
+
+    def _key_patches(self, keys: Tensor) -> tuple[Tensor, Tensor]:
+        """Token ids ``(n, L')`` and lengths ``(n,)`` of entity keys: the name, plus the role's relation token."""
+        if self.config.binding == "entity":
+            toks = self.entity_token_ids[keys]
+        else:
+            two_r = len(self.config.relation_tokens)
+            toks = torch.cat([self.entity_token_ids[keys // two_r], self.relation_token_ids[keys % two_r][:, None]], 1)
+        return toks, torch.full((len(toks),), toks.shape[1], dtype=torch.long, device=toks.device)
+
     # ------------------------------------------------------------------ patches
     def _slot_patches(self) -> tuple[Tensor, Tensor]:
-        """Token ids ``(K, L)`` and lengths ``(K,)`` of every concept slot: entities, relations, mask."""
-        ents = self.entity_token_ids
+        """Token ids ``(K, L')`` and lengths ``(K,)`` of every concept slot: entity keys, relations, mask."""
+        ents, lengths_e = self._key_patches(torch.arange(self.num_entity_keys, device=self.entity_token_ids.device))
         N, L = ents.shape
         K = N + self.relation_token_ids.numel() + 1
         toks = torch.zeros(K, L, dtype=torch.long, device=ents.device)
@@ -366,7 +406,7 @@ class JEPAConceptModel(EntityQueryMixin, PreTrainedModel):
         toks[N:-1, 0] = self.relation_token_ids
         toks[-1, 0] = self.config.mask_token_id
         lengths = torch.ones(K, dtype=torch.long, device=ents.device)
-        lengths[:N] = L
+        lengths[:N] = lengths_e
         return toks, lengths
 
     def _mean_embedding(self, tokens: Tensor, lengths: Tensor) -> Tensor:
@@ -392,10 +432,29 @@ class JEPAConceptModel(EntityQueryMixin, PreTrainedModel):
             c = h[torch.arange(len(tokens), device=tokens.device), lengths - 1]
         return self.concept_norm(c)
 
-    def entity_concepts(self, entities: Optional[Tensor] = None) -> Tensor:
-        """Concepts ``(n, d)`` of ``entities`` (ids ``(n,)``; ``None``: all entities)."""
-        toks = self.entity_token_ids if entities is None else self.entity_token_ids[entities]
-        return self.encode_patches(toks, torch.full((len(toks),), toks.shape[1], device=toks.device))
+    def entity_concepts(self, entities: Optional[Tensor] = None, roles: Optional[Tensor] = None) -> Tensor:
+        """Concepts ``(n, d)`` of ``entities`` (ids ``(n,)``; ``None``: all entities).
+
+        With ``binding="relation"`` every entity concept is bound to a role: ``roles`` gives the relation id of
+        each (``(n,)``, or one id for all); without it the entity ids are read as entity keys (:meth:`entity_keys`).
+        """
+        if entities is None:
+            entities = torch.arange(self.num_entities, device=self.entity_token_ids.device)
+        keys = entities
+        if self.config.binding == "relation" and roles is not None:
+            keys = self.entity_keys(entities, torch.as_tensor(roles, device=entities.device).expand_as(entities))
+        return self.key_concepts(keys)
+
+    def key_concepts(self, keys: Tensor) -> Tensor:
+        """Concepts ``(n, d)`` of entity keys ``(n,)`` (:meth:`entity_keys`).
+
+        With the memory, key ``k``'s patch *is* slot ``k``'s frozen key, so its top-1 read is slot ``k``: the value is
+        read by index instead of by a similarity search over every slot (the same result, without the ``(n, K)``
+        similarity matrix that dominates a training step once there are ``N * 2R`` slots).
+        """
+        if self.config.memory:
+            return self.concept_norm(self.memory.values[keys])
+        return self.encode_patches(*self._key_patches(keys))
 
     def all_entity_concepts(self) -> Tensor:
         """Concepts ``(N, d)`` of every known entity.
@@ -442,31 +501,43 @@ class JEPAConceptModel(EntityQueryMixin, PreTrainedModel):
                 negative_relations: Optional[Tensor] = None) -> ReversalOutput:
         """Contrastive loss of facts ``(heads, relations, tails)`` (``(B,)`` ids).
 
-        The candidates are the concepts of the unique entities among ``heads``, ``tails`` and ``negatives``
-        and of the unique relations among ``relations`` and ``negative_relations``; the target of row ``b``
-        is ``tails[b]``'s concept.
+        The candidates are the concepts of the unique entity keys (:meth:`entity_keys`: the entity ids unless
+        ``binding="relation"``) of the heads (in role ``relations``), the tails (in role ``relations^-1``) and
+        ``negatives``, and of the unique relations among ``relations`` and ``negative_relations``; the target
+        of row ``b`` is the concept of ``tails[b]``'s key.
 
         Args:
-            negatives: further entity ids ``(n,)`` (e.g. the other processes' batches, or all entities).
+            negatives: further entity keys ``(n,)`` (e.g. the other processes' batches, or all keys).
             negative_relations: further relation ids.
 
         Returns:
             ``loss`` (mean cross-entropy) and ``logits`` ``(B, C)`` over the sorted unique candidates.
         """
+        head_keys = self.entity_keys(heads, relations)
+        tail_keys = self.entity_keys(tails, self.inverse_relation(relations))
         extra = [] if negatives is None else [negatives.reshape(-1)]
-        cand = torch.unique(torch.cat([heads, tails, *extra]))  # sorted
+        cand = torch.unique(torch.cat([head_keys, tail_keys, *extra]))  # sorted
         extra_r = [] if negative_relations is None else [negative_relations.reshape(-1)]
         rels = torch.unique(torch.cat([relations, *extra_r]))
-        cand_c, rel_c = self.entity_concepts(cand), self.relation_concepts(rels)
-        pred = self.predict(cand_c[torch.searchsorted(cand, heads.contiguous())], rel_c[torch.searchsorted(rels, relations.contiguous())])
+        cand_c, rel_c = self.key_concepts(cand), self.relation_concepts(rels)
+        pred = self.predict(cand_c[torch.searchsorted(cand, head_keys.contiguous())],
+                            rel_c[torch.searchsorted(rels, relations.contiguous())])
         logits = self.similarity(pred, torch.cat([cand_c, rel_c]))
-        return ReversalOutput(loss=F.cross_entropy(logits.float(), torch.searchsorted(cand, tails.contiguous())), logits=logits)
+        return ReversalOutput(loss=F.cross_entropy(logits.float(), torch.searchsorted(cand, tail_keys.contiguous())), logits=logits)
 
     def score_entities(self, heads: Tensor, relations: Tensor) -> Tensor:
-        """Log-softmax over all entities ``(Q, N)`` of ``cos(prediction, c_e) / tau``."""
-        all_c = self.all_entity_concepts()
-        pred = self.predict(all_c[heads], self.relation_concepts(relations))
-        return self.similarity(pred, all_c).float().log_softmax(-1)
+        """Log-softmax over all entities ``(Q, N)`` of ``cos(prediction, c_e) / tau``, ``c_e`` the concept of
+        entity ``e`` in the answer's role ``relation^-1`` (every entity has one role with ``binding="entity"``,
+        whose concepts are cached between queries: :meth:`all_entity_concepts`)."""
+        pred = self.predict(self.entity_concepts(heads, relations), self.relation_concepts(relations))
+        if self.config.binding == "entity":
+            return self.similarity(pred, self.all_entity_concepts()).float().log_softmax(-1)
+        roles = self.inverse_relation(relations)
+        scores = torch.empty(len(heads), self.num_entities, device=pred.device)
+        for role in torch.unique(roles):  # the answer's role: every entity's concept in it, once per role
+            rows = roles == role
+            scores[rows] = self.similarity(pred[rows], self.entity_concepts(None, role)).float()
+        return scores.log_softmax(-1)
 
 
 def _equal_tensors(a: Sequence[Tensor], b: Sequence[Tensor]) -> bool:

@@ -199,8 +199,9 @@ class ReversalJEPARecipe(_ReversalRecipe):
         self._check_heads(r)
         cfg = JEPAConfig(
             vocab_size=len(data.vocab), hidden_size=r.hidden_size, num_heads=r.num_heads, encoder_layers=r.encoder_layers,
-            predictor_layers=r.predictor_layers, mlp_ratio=r.mlp_ratio, max_patch_len=max(3, data.name_length),
-            memory=r.memory, temperature=r.temperature, dropout=r.dropout, mask_token_id=data.vocab.index("<mask>"),
+            predictor_layers=r.predictor_layers, mlp_ratio=r.mlp_ratio,
+            max_patch_len=max(3, data.name_length + (r.binding == "relation")),  # a bound name carries its role
+            memory=r.memory, binding=r.binding, temperature=r.temperature, dropout=r.dropout, mask_token_id=data.vocab.index("<mask>"),
             **_vocab_kwargs(data),
         )
         return JEPAConceptModel(cfg)
@@ -222,13 +223,16 @@ class ReversalJEPARecipe(_ReversalRecipe):
 
     def training_step(self, model, batch: dict, ctx: StepContext) -> StepOutput:
         h, r, t = batch["head"], batch["relation"], batch["tail"]
+        inner = self._unwrap(model)
+        head_keys, tail_keys = inner.entity_keys(h, r), inner.entity_keys(t, inner.inverse_relation(r))
         if self.config.reversal.negatives == "all":
-            neg = torch.arange(self._unwrap(model).num_entities, device=h.device)
-            neg_r = torch.arange(self._unwrap(model).relation_token_ids.numel(), device=h.device)
+            neg = torch.arange(inner.num_entity_keys, device=h.device)
+            neg_r = torch.arange(inner.relation_token_ids.numel(), device=h.device)
         else:
-            neg, neg_r = _gather(torch.cat([h, t])), _gather(r)
+            neg, neg_r = _gather(torch.cat([head_keys, tail_keys])), _gather(r)
         out = model(h, r, t, negatives=neg, negative_relations=neg_r)
-        acc = (out.logits.argmax(-1) == torch.searchsorted(torch.unique(torch.cat([h, t, neg])), t.contiguous())).float().mean()
+        cand = torch.unique(torch.cat([head_keys, tail_keys, neg]))
+        acc = (out.logits.argmax(-1) == torch.searchsorted(cand, tail_keys.contiguous())).float().mean()
         weight = self.config.chain.regression_weight if self.config.chain.enabled else 0.0
         if weight == 0.0:
             return StepOutput(loss=out.loss, logs={"train_accuracy": acc.detach()})

@@ -41,6 +41,8 @@ class NoPropConfig:
     schedule_eps: float = field(default=1e-3, metadata={"min": 1e-8, "max": 0.1})  # dt schedule clamp
     solver: str = field(default="euler", metadata=choices(*ODE_SOLVER_NAMES))  # ct, fm inference
     inference_steps: int = field(default=20, metadata={"min": 1})
+    # dt: posterior-noise scale at inference (1: the paper's sampled chain; 0: the posterior-mean chain, as back-prop's)
+    inference_noise: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     eval_steps: list[int] = field(default_factory=list)  # ct, fm: also report accuracy at these step counts
     eval_split: str = "test"  # held-out split for `evaluate`
     eval_max_examples: int = field(default=10000, metadata={"min": 1})

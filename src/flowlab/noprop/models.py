@@ -136,6 +136,9 @@ class NoPropClassifier(ModelMixin, ConfigMixin):
         gamma_0, gamma_1: CT schedule ends (``SNR = exp(-gamma)``; ``gamma_0 > gamma_1``).
         schedule_eps: DT schedule clamp.
         solver, inference_steps: CT/FM inference defaults (any core solver).
+        inference_noise: DT only: scale ``s`` of the posterior noise in ``z_t = a_t u_hat_t + b_t z_{t-1} + s sqrt(c_t) eps``;
+            1 samples ``z_T`` as the paper does, 0 follows the posterior mean (one sampled ``z_T`` per image can land
+            on the wrong class even when the blocks agree on the right one; see docs/noprop.md).
     """
 
     @register_to_config
@@ -158,12 +161,15 @@ class NoPropClassifier(ModelMixin, ConfigMixin):
         schedule_eps: float = 1e-3,
         solver: str = "euler",
         inference_steps: int = 20,
+        inference_noise: float = 1.0,
     ):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if embedding not in EMBEDDINGS:
             raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+        if not 0.0 <= inference_noise <= 1.0:
+            raise ValueError(f"inference_noise must be in [0, 1], got {inference_noise!r}")
         image_shape = tuple(image_shape)
         d = {"one_hot": num_classes, "prototype": int(math.prod(image_shape))}.get(embedding, embed_dim)
         self.embed_dim = d
@@ -271,8 +277,9 @@ class NoPropClassifier(ModelMixin, ConfigMixin):
         z0 = torch.randn((x.shape[0], self.embed_dim), generator=gen).to(x)
         if cfg.variant in ("dt", "backprop"):
             noise = None
-            if cfg.variant == "dt":
-                noise = [torch.randn((x.shape[0], self.embed_dim), generator=gen).to(x) for _ in self.blocks]
+            scale = getattr(cfg, "inference_noise", 1.0)  # models saved before the option sampled
+            if cfg.variant == "dt" and scale > 0:
+                noise = [scale * torch.randn((x.shape[0], self.embed_dim), generator=gen).to(x) for _ in self.blocks]
             return self.dt_chain(x, z0, noise)
         steps = steps or cfg.inference_steps
         solver = solver or cfg.solver

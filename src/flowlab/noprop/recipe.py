@@ -52,6 +52,7 @@ def build_classifier(config: Config, image_shape, num_classes: int) -> NoPropCla
         embedding=n.embedding, embed_dim=n.embed_dim, hidden_dim=n.hidden_dim, dropout=n.dropout, channels=tuple(n.channels),
         time_embed_dim=n.time_embed_dim, backbone=n.backbone, backbone_config=backbone_config, gamma_0=n.gamma_0,
         gamma_1=n.gamma_1, schedule_eps=n.schedule_eps, solver=n.solver, inference_steps=n.inference_steps,
+        inference_noise=n.inference_noise,
     )
 
 

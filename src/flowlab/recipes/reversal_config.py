@@ -37,6 +37,9 @@ class ReversalConfig:
     encoder_layers: int = field(default=2, metadata={"min": 1})  # reversal_jepa (ignored with memory)
     predictor_layers: int = field(default=2, metadata={"min": 1})  # reversal_jepa
     memory: bool = False  # reversal_jepa: mean-pool + top-1 key-value memory encoder
+    # reversal_jepa: "entity" (one concept per entity) or "relation" (one per entity and role: several facts per
+    # entity then stop chaining concepts into cycles that one map per relation cannot fit; docs/jepa.md)
+    binding: str = field(default="entity", metadata=choices("entity", "relation"))
     temperature: float = field(default=0.1, metadata={"min": 1e-4})  # reversal_jepa: logits = cos / temperature
     negatives: str = field(default="batch", metadata=choices("batch", "all"))  # reversal_jepa: in-batch or all entities
     # reversal_jepa: learning-rate multiplier of the parameters that hold the concepts (the memory's values, or
