@@ -44,9 +44,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+RUNTIME = """Runtime: on a GPU, a few minutes per case (each case times a handful of steps after warm-up). --tiny on the
+shared 2-core CPU: about 2-4 min for all three cases (two of them launch 2-process runs)."""
 
-import torch  # noqa: E402
+import torch
 
 # published architecture configs (transformer/config.json of each model; weights are random here)
 SD35_MEDIUM = dict(
@@ -251,11 +252,9 @@ def worker(argv: list[str]) -> None:
     """Run under ``accelerate launch``: train, then write this process's peak memory."""
     from flowlab.recipes import Trainer, load_config
 
-    p = argparse.ArgumentParser()
-    p.add_argument("--config")
-    p.add_argument("overrides", nargs="*")
-    a = p.parse_args(argv)
-    config = load_config(a.config, a.overrides)
+    if argv[:1] != ["--config"] or len(argv) < 2:  # the command run_digits builds: --config FILE key=value ...
+        raise SystemExit(f"gpu_scale.py --worker: expected --config FILE [key=value ...], got {argv}")
+    config = load_config(argv[1], argv[2:])
     trainer = Trainer(config)
     trainer.train()
     device = trainer.accelerator.device
@@ -268,7 +267,7 @@ def main(argv=None) -> int:
     if argv[:1] == ["--worker"]:
         worker(argv[1:])
         return 0
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=RUNTIME, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (a smoke test; numbers say nothing about GPUs)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--cases", default="sd35m,flux1dev,digits", help="comma-separated subset of sd35m, flux1dev, digits")

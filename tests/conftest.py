@@ -24,7 +24,8 @@ def tiny_overrides(output_dir, *extra):
     """
     chosen = dict(item.split("=", 1) for item in extra if "=" in item)
     recipe = chosen.get("recipe", "flow_matching")
-    reads_model = recipe == "flow_matching" or chosen.get("noprop.backbone") == "model"  # NoProp's paper blocks ignore `model`
+    flow = recipe in ("flow_matching", "meanflow")
+    reads_model = flow or chosen.get("noprop.backbone") == "model"  # NoProp's paper blocks ignore `model`
     mlp = reads_model and chosen.get("model.type", "mlp") in ("mlp", "conservative")
     return [
         f"output_dir={output_dir}",
@@ -39,7 +40,7 @@ def tiny_overrides(output_dir, *extra):
         "train.report_to=none",
         "sample.every=0",
         "sample.num_images=4",
-        *(["sample.num_inference_steps=2"] if recipe == "flow_matching" else []),
+        *(["sample.num_inference_steps=2"] if flow else []),
         "eval.enabled=false",
         *extra,
     ]

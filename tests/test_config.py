@@ -497,7 +497,7 @@ def test_bare_no_is_the_string_choice_not_false():
 @pytest.mark.parametrize(
     "overrides,start,words",
     [
-        (["recipe=nft", "data.name=digits"], "data: section of recipe flow_matching, noprop", ["recipe 'nft' does not read it"]),
+        (["recipe=nft", "data.name=digits"], "data: section of recipe flow_matching, meanflow, noprop", ["recipe 'nft' does not read it"]),
         (["recipe=reversal_jepa", "model.hidden_dim=8"], "model: section of recipe", ["recipe 'reversal_jepa'"]),
         (["noprop.variant=dt"], "noprop: section of recipe noprop", ["recipe 'flow_matching'"]),
         (["recipe=flowgrpo", "nft.kl_coef=0.1"], "nft: section of recipe nft", ["recipe 'flowgrpo'"]),
