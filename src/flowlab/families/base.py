@@ -36,9 +36,13 @@ from ..errors import ConfigError
 from ..flow.parameterization import convert
 from ..flow.paths import AffinePath
 
-__all__ = ["FamilyAdapter", "broadcast_conditioning", "resolve_dtype", "cast_module", "load_family_pipeline", "lora_state_and_config"]
+__all__ = ["FamilyAdapter", "JOINT_ATTENTION_LORA_TARGETS", "broadcast_conditioning", "resolve_dtype", "cast_module", "load_family_pipeline", "lora_state_and_config"]
 
 Conditioning = dict[str, Tensor]
+
+#: LoRA targets of the MM-DiT transformers (SD3, FLUX.1): the image and text projections of the joint attention,
+#: as the public DiffusionNFT / FlowGRPO code adapts SD3.
+JOINT_ATTENTION_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
 
 
 class FamilyAdapter(nn.Module):

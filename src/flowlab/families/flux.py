@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..flow.conventions import diffusers_to_velocity, t_to_timestep
 from ..flow.paths import AffinePath, LinearPath
-from .base import Conditioning, FamilyAdapter, cast_module, load_family_pipeline, resolve_dtype
+from .base import JOINT_ATTENTION_LORA_TARGETS, Conditioning, FamilyAdapter, cast_module, load_family_pipeline, resolve_dtype
 
 __all__ = ["FluxAdapter", "flux_time_shift"]
 
@@ -73,7 +73,7 @@ class FluxAdapter(FamilyAdapter):
     network_name = "transformer"
     prediction_type = "velocity"
     frozen_names = ("text_encoder", "text_encoder_2", "vae")
-    default_lora_targets = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
+    default_lora_targets = JOINT_ATTENTION_LORA_TARGETS
 
     def __init__(
         self,

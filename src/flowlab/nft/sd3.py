@@ -38,6 +38,7 @@ from ..flow.conventions import diffusers_to_velocity, sigma_to_t, t_to_timestep
 from ..flow.guidance import combine_guidance
 from ..flow.paths import AffinePath, LinearPath
 from ..errors import ConfigError
+from ..families.base import JOINT_ATTENTION_LORA_TARGETS
 from .policy import LoraSpec, Policy, add_policy_adapters
 
 __all__ = ["SD3Policy"]
@@ -72,7 +73,7 @@ class SD3Policy(Policy):
             the trained weights (LoRA adapters, or the whole transformer) stay float32.
     """
 
-    default_lora_targets = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
+    default_lora_targets = JOINT_ATTENTION_LORA_TARGETS
 
     def __init__(
         self,
