@@ -181,26 +181,22 @@ def config_from_dict(data: dict) -> Config:
         raise ConfigError(f"unknown config key '{k}'{did_you_mean(k, valid)}; valid keys here: {', '.join(valid)}")
     cfg = build(Config, core, "", extra=sections, siblings=sections)
     cfg.sections.update(given)  # the others hold their defaults (Config.__post_init__)
-    for name in sorted(ignored_sections(cfg)):
+    for name, reason in sorted(ignored_sections(cfg).items()):
         if name in given:
-            reason = next(_ignored_by(sec, cfg)[name] for sec in cfg.sections.values() if name in _ignored_by(sec, cfg))
             raise ConfigError(f"{name}: this run ignores the section ({reason}); remove it")
     _cross_checks(cfg)
     return cfg
 
 
-def _ignored_by(section: Any, cfg: Config) -> dict[str, str]:
-    fn = getattr(section, "ignored_sections", None)
-    return fn(cfg) if callable(fn) else {}
-
-
-def ignored_sections(cfg: Config) -> set[str]:
-    """Sections of the recipe that this configuration does not read: a section dataclass may define
-    ``ignored_sections(config) -> {name: reason}`` (e.g. NoProp's own blocks ignore ``model``). Such a
+def ignored_sections(cfg: Config) -> dict[str, str]:
+    """Sections of the recipe that this configuration does not read, with the reason: a section dataclass may
+    define ``ignored_sections(config) -> {name: reason}`` (e.g. NoProp's own blocks ignore ``model``). Such a
     section is refused when given, and left out of the saved ``config.yaml``."""
-    out: set[str] = set()
+    out: dict[str, str] = {}
     for section in list(cfg.sections.values()):
-        out |= set(_ignored_by(section, cfg))
+        fn = getattr(section, "ignored_sections", None)
+        if callable(fn):
+            out.update(fn(cfg))
     return out
 
 
