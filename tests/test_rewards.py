@@ -124,6 +124,45 @@ def test_digits_reward_on_real_digits():
         build_reward({"name": "digits_classifier", "target": 10}, key="rl.rewards[0]")
 
 
+def test_digits_reward_prompted_target_reads_each_samples_class():
+    x, y = load_digits_arrays("test")
+    images, y = to_unit_range(torch.from_numpy(x)), torch.from_numpy(y)
+    images, y = images[:200], y[:200]
+    prompted = build_reward({"name": "digits_classifier", "target": "prompted"}, key="rl.rewards[0]")
+    p = prompted(images, [str(int(c)) for c in y], [{"condition": int(c)} for c in y])
+    # each sample scored exactly as the fixed-target reward of its own class scores it
+    for c in range(10):
+        fixed = build_reward({"name": "digits_classifier", "target": c})
+        torch.testing.assert_close(p[y == c], fixed(images[y == c]), atol=0, rtol=0)
+    assert p.mean() > 0.9
+    # the wrong class (each label shifted by one) scores near zero: the label really is read per sample
+    wrong = prompted(images, None, [{"condition": (int(c) + 1) % 10} for c in y])
+    assert wrong.mean() < 0.05
+    # another metadata field, e.g. a JSONL prompt set's {"label": 3}
+    by_label = build_reward({"name": "digits_classifier", "target": "prompted", "label_key": "label"})
+    torch.testing.assert_close(by_label(images, None, [{"label": int(c)} for c in y]), p, atol=0, rtol=0)
+    logp = build_reward({"name": "digits_classifier", "target": "prompted", "log_prob": True})(images[:10], None, [{"condition": int(c)} for c in y[:10]])
+    torch.testing.assert_close(logp.exp(), p[:10], atol=1e-6, rtol=1e-5)
+
+
+def test_digits_reward_prompted_target_refuses_samples_without_a_class():
+    images = torch.rand(2, 1, 8, 8)
+    r = build_reward({"name": "digits_classifier", "target": "prompted"})
+    with pytest.raises(RewardError, match=r"no metadata"):
+        r(images)
+    with pytest.raises(RewardError, match=r"sample 1 has None .*unconditional sample: set rl\.class_labels"):
+        r(images, None, [{"condition": 3}, {"condition": None}])
+    with pytest.raises(RewardError, match=r"sample 0 has None .*its metadata keys: \['tag'\]"):
+        r(images, None, [{"tag": "x"}, {"condition": 1}])
+    for bad in (10, -1, "3", 2.0, True):
+        with pytest.raises(RewardError, match=r"needs metadata\['condition'\] = a digit 0\.\.9"):
+            r(images, None, [{"condition": bad}, {"condition": 1}])
+    with pytest.raises(ConfigError, match=r"rl\.rewards\[0\]\.target: expected an integer 0\.\.9 or 'prompted'"):
+        build_reward({"name": "digits_classifier", "target": "prompt"}, key="rl.rewards[0]")
+    with pytest.raises(ConfigError, match=r"k\.label_key: must name a metadata field"):
+        build_reward({"name": "digits_classifier", "target": "prompted", "label_key": ""}, key="k")
+
+
 # --------------------------------------------------------------------------- config errors
 
 

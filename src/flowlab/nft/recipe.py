@@ -441,10 +441,12 @@ class RLRecipe(Recipe):
         return out
 
     def _digits_target(self) -> int | None:
-        """The target class of a single digits-classifier reward (for the quality guards), else ``None``."""
+        """The fixed target class of a single digits-classifier reward (for the quality guards), else ``None``
+        (also for ``target: prompted``, whose class varies per sample: ``eval/bench_nft_cond.py`` measures it per class)."""
         specs = self.rl.rewards
         if isinstance(self.rl, FlowlabRLConfig) and len(specs) == 1 and specs[0].get("name") == "digits_classifier":
-            return int(specs[0].get("target", 0))
+            target = specs[0].get("target", 0)
+            return target if isinstance(target, int) else None
         return None
 
     def save_final(self, model, directory: str) -> None:
