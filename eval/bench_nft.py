@@ -43,6 +43,30 @@ def smooth(values: list[float], k: int) -> list[float]:
     return out
 
 
+def reward_curve(recs: list[dict], rollouts_per_step: int, args) -> dict:
+    """A run's rollout reward against rollouts and training seconds (rollouts + rewards + updates, from
+    ``steps_per_sec``; evaluation excluded), from its ``metrics.jsonl`` records ``recs``, with the rollouts
+    and seconds to reach a smoothed reward of ``args.threshold`` (``args.smooth`` steps), whether it stays
+    there, and the mean reward over the last quarter of the budget."""
+    steps_recs = [r for r in recs if "reward_mean" in r]
+    rollouts = [r["step"] * rollouts_per_step for r in steps_recs]
+    reward = [r["reward_mean"] for r in steps_recs]
+    seconds, acc = [], 0.0
+    for r in steps_recs:
+        acc += 1.0 / max(r["steps_per_sec"], 1e-9)
+        seconds.append(acc)
+    sm = smooth(reward, args.smooth)
+    reach = next((i for i, v in enumerate(sm) if v >= args.threshold), None)
+    return {
+        "rollouts": rollouts, "reward": reward, "seconds": seconds,
+        "rollouts_to_threshold": rollouts[reach] if reach is not None else None,
+        "seconds_to_threshold": seconds[reach] if reach is not None else None,
+        "stays_above": reach is not None and min(sm[reach:]) >= args.threshold,
+        "min_after_reach": min(sm[reach:]) if reach is not None else None,
+        "last_quarter_reward": statistics.mean(reward[-max(1, len(reward) // 4) :]),
+    }
+
+
 def run_one(method: str, base: str, lr: float, seed: int, steps: int, args, workdir: str) -> dict:
     """Train one method; return its reward curve, wall time and final guards."""
     from flowlab.recipes import Trainer, load_config
@@ -59,24 +83,9 @@ def run_one(method: str, base: str, lr: float, seed: int, steps: int, args, work
     Trainer(cfg).train()
     total = time.perf_counter() - t0
     recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    steps_recs = [r for r in recs if "reward_mean" in r]
-    per_step_rollouts = cfg.train.batch_size * cfg.rl.group_size
-    rollouts = [r["step"] * per_step_rollouts for r in steps_recs]
-    reward = [r["reward_mean"] for r in steps_recs]
-    seconds, acc = [], 0.0
-    for r in steps_recs:
-        acc += 1.0 / max(r["steps_per_sec"], 1e-9)
-        seconds.append(acc)
     final = [r for r in recs if "eval/reward" in r][-1]
-    sm = smooth(reward, args.smooth)
-    reach = next((i for i, v in enumerate(sm) if v >= args.threshold), None)
     return {
-        "lr": lr, "seed": seed, "rollouts": rollouts, "reward": reward, "seconds": seconds,
-        "rollouts_to_threshold": rollouts[reach] if reach is not None else None,
-        "seconds_to_threshold": seconds[reach] if reach is not None else None,
-        "stays_above": reach is not None and min(sm[reach:]) >= args.threshold,
-        "min_after_reach": min(sm[reach:]) if reach is not None else None,
-        "last_quarter_reward": statistics.mean(reward[-max(1, len(reward) // 4) :]),
+        "lr": lr, "seed": seed, **reward_curve(recs, cfg.train.batch_size * cfg.rl.group_size, args),
         "fd": final["eval/fd_target"], "diversity": final["eval/diversity"], "eval_reward": final["eval/reward"],
         "wall_s": total,
     }
