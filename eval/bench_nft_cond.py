@@ -14,6 +14,11 @@ samples pass the quality guards (mean per-class FD to the real digits of that cl
 x the base's, per-class diversity >= ``--div-fraction`` x the base's; the base sampled with its CFG
 scale), then that rate on the other seeds. Same rollout budget, seeds and base for both.
 
+Reported per method (mean and spread over seeds): rollout reward against rollouts and against training
+wall time, rollouts and seconds to reach a smoothed reward of ``--threshold`` (default: the base's own reward
+with FlowGRPO's CFG scale, so for NFT "matches the CFG base without CFG"), whether it stays there, and the final
+model's quality.
+
 Quality of a model (:func:`conditional_quality`, ``--per-class`` samples of each digit, the evaluation
 solver and steps): the reward (mean P(prompted class) over all ten classes), the FD to the real digits of
 each class and its mean, the per-class diversity, and the classifier-space FD of all samples to the real
@@ -100,9 +105,11 @@ def run_one(method: str, base: str, lr: float, seed: int, steps: int, args, work
 
     out = os.path.join(workdir, f"{method}_lr{lr:g}_s{seed}")
     cached = os.path.join(out, "result.json")
-    if args.reuse and os.path.isfile(cached):
+    if args.reuse and os.path.isfile(cached):  # the final quality from the cache, the curve read afresh (--threshold may differ)
         with open(cached) as f:
-            return json.load(f)
+            res = json.load(f)
+        recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+        return {**res, **reward_curve(recs, res["rollouts_per_step"], args)}
     overrides = [
         f"output_dir={out}", f"seed={seed}", f"rl.base={base}", f"train.lr={lr}", f"train.max_steps={steps}",
         "train.report_to=none", "train.log_every=1", "train.checkpoint_every=0", "sample.every=0", "eval.every=0",
@@ -118,7 +125,7 @@ def run_one(method: str, base: str, lr: float, seed: int, steps: int, args, work
     res = {
         "lr": lr, "seed": seed, **reward_curve(recs, cfg.train.batch_size * cfg.rl.group_size, args),
         "fd": q["fd_class_mean"], "diversity": q["diversity_class_mean"], "eval_reward": q["reward"], "quality": q,
-        "rollout_guidance_scale": cfg.rl.guidance_scale, "wall_s": total,
+        "rollout_guidance_scale": cfg.rl.guidance_scale, "rollouts_per_step": cfg.train.batch_size * cfg.rl.group_size, "wall_s": total,
     }
     with open(cached, "w") as f:
         json.dump(res, f)
@@ -135,7 +142,9 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=int, default=9600, help="rollouts per run (both methods)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4, 3e-4], help="the learning-rate grid (both methods)")
-    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--threshold", type=float, default=None,
+                   help="smoothed rollout reward to reach (default: the base's reward with FlowGRPO's CFG, i.e. CFG-free NFT "
+                        "matching the base's CFG correctness)")
     p.add_argument("--smooth", type=int, default=5, help="moving-average window (steps) of the reward curve")
     p.add_argument("--fd-multiple", type=float, default=3.0)
     p.add_argument("--div-fraction", type=float, default=0.5)
@@ -173,6 +182,9 @@ def main(argv=None) -> int:
               f"FD all {q['fd_all']:.1f}  diversity {q['diversity_class_mean']:.3f}{'   <- FlowGRPO config' if q['guidance_scale'] == w else ''}")
     base_cfg = next(q for q in sweep if q["guidance_scale"] == w)
     base_free = next(q for q in sweep if q["guidance_scale"] == 1.0)
+    if args.threshold is None:
+        args.threshold = round(base_cfg["reward"], 3)
+    print(f"threshold: smoothed rollout reward {args.threshold}")
     results: dict = {"base_cfg": base_cfg, "base_no_cfg": base_free, "base_cfg_sweep": sweep, "guidance_scale": w, "config": vars(args)}
     for method in args.methods:
         cfg = load_config(os.path.join(ROOT, "configs", CONFIGS[method]), [*args.override])
