@@ -145,33 +145,64 @@ def add_ratios(results: dict) -> None:
         results[name] = f[key] / n[key] if ok else None
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, epilog=RUNTIME,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_protocol_arguments(p: argparse.ArgumentParser, threshold: float | None = 0.9, threshold_help: str | None = None) -> None:
+    """The options of the protocol (shared with ``eval/bench_nft_cond.py``): base, rollout budget, seeds,
+    learning-rate grid, reach threshold and smoothing, quality guards, overrides, threads, work folder, JSON."""
     p.add_argument("--base", default=os.path.join(ROOT, "runs/quickstart/pipeline"), help="FlowPipeline to fine-tune")
-    p.add_argument("--target", type=int, default=3)
     p.add_argument("--budget", type=int, default=9600, help="rollouts per run (both methods)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4, 3e-4], help="the learning-rate grid (both methods)")
-    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--threshold", type=float, default=threshold, help=threshold_help)
     p.add_argument("--smooth", type=int, default=5, help="moving-average window (steps) of the reward curve")
     p.add_argument("--fd-multiple", type=float, default=3.0)
     p.add_argument("--div-fraction", type=float, default=0.5)
-    p.add_argument("--eval-samples", type=int, default=512)
-    p.add_argument("--methods", nargs="+", default=["nft", "flowgrpo"])
     p.add_argument("--override", nargs="*", default=[], help="extra key=value overrides for both methods")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None, help="write the results here")
-    args = p.parse_args(argv)
 
+
+def start_protocol(args, prog: str) -> str | None:
+    """Set torch's threads (``--threads``) and return the work folder (``--workdir`` or a new temporary one);
+    ``None``, after saying how to train it, when the base pipeline ``--base`` is missing."""
     import torch
 
     torch.set_num_threads(args.threads)
     if not os.path.isdir(args.base):
-        print(f"bench_nft: {args.base} not found; train it with: python train.py --config configs/quickstart.yaml", file=sys.stderr)
+        print(f"{prog}: {args.base} not found; train it with: python train.py --config configs/quickstart.yaml", file=sys.stderr)
+        return None
+    return args.workdir or tempfile.mkdtemp(prefix=f"{prog}_")
+
+
+def write_results(results: dict, path: str | None) -> None:
+    """Write the benchmark's results as JSON to ``path`` (nothing when ``None``)."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {path}")
+
+
+def best_rate(grid: list[dict]) -> dict:
+    """The selection rule: among the seed-0 runs of the grid whose final samples pass the quality guards
+    (``passes_guards``; all of them if none does), the highest last-quarter rollout reward, ties broken by
+    fewer rollouts to the threshold."""
+    ok = [r for r in grid if r["passes_guards"]] or grid
+    return max(ok, key=lambda r: (r["last_quarter_reward"], -(r["rollouts_to_threshold"] or 1e18)))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, epilog=RUNTIME,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", type=int, default=3)
+    p.add_argument("--eval-samples", type=int, default=512)
+    p.add_argument("--methods", nargs="+", default=["nft", "flowgrpo"])
+    add_protocol_arguments(p)
+    args = p.parse_args(argv)
+
+    workdir = start_protocol(args, "bench_nft")
+    if workdir is None:
         return 2
-    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_nft_")
     base = base_guards(args.base, args.target, args.eval_samples)
     print(f"base (conditional class {args.target}): fd {base['fd']:.2f}, diversity {base['diversity']:.3f} (real {base['diversity_real']:.3f})")
     results: dict = {"base": base, "config": vars(args)}
@@ -189,8 +220,7 @@ def main(argv=None) -> int:
             print(f"{method} lr {lr:g} seed {args.seeds[0]}: last-quarter reward {r['last_quarter_reward']:.3f}, "
                   f"to {args.threshold}: {r['rollouts_to_threshold']} rollouts, stays {r['stays_above']}, "
                   f"fd {r['fd']:.1f}, diversity {r['diversity']:.3f}, guards {'ok' if r['passes_guards'] else 'FAIL'}, {r['wall_s']:.0f}s")
-        ok = [r for r in grid if r["passes_guards"]] or grid
-        best = max(ok, key=lambda r: (r["last_quarter_reward"], -(r["rollouts_to_threshold"] or 1e18)))
+        best = best_rate(grid)
         runs = [best] + [run_one(method, args.base, best["lr"], s, steps, args, workdir) for s in args.seeds[1:]]
         for r in runs[1:]:
             print(f"{method} lr {best['lr']:g} seed {r['seed']}: to {args.threshold}: {r['rollouts_to_threshold']} rollouts, "
@@ -211,11 +241,7 @@ def main(argv=None) -> int:
     if "rollout_ratio" in results:
         print(f"FlowGRPO / NFT to reach {args.threshold}: rollouts x{results['rollout_ratio'] or float('nan'):.2f}, "
               f"wall time x{results['time_ratio'] or float('nan'):.2f}")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-        print(f"wrote {args.json}")
+    write_results(results, args.json)
     return 0
 
 

@@ -38,10 +38,9 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
-from bench_nft import add_ratios, reward_curve, summarize
+from bench_nft import add_protocol_arguments, add_ratios, best_rate, reward_curve, start_protocol, summarize, write_results
 
 RUNTIME = """Runtime of the default run (the 2-core CPU, 1 torch thread; docs/benchmarks.md): about 45 min on a
 quiet machine (the 4-rate grid x 2 methods on seed 0, then each chosen rate on seeds 1 and 2; FlowGRPO's
@@ -138,37 +137,21 @@ def passes(run: dict, base: dict, args) -> bool:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, epilog=RUNTIME, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", default=os.path.join(ROOT, "runs/quickstart/pipeline"), help="FlowPipeline to fine-tune")
-    p.add_argument("--budget", type=int, default=9600, help="rollouts per run (both methods)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4, 3e-4], help="the learning-rate grid (both methods)")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="smoothed rollout reward to reach (default: the base's reward with FlowGRPO's CFG, i.e. CFG-free NFT "
-                        "matching the base's CFG correctness)")
-    p.add_argument("--smooth", type=int, default=5, help="moving-average window (steps) of the reward curve")
-    p.add_argument("--fd-multiple", type=float, default=3.0)
-    p.add_argument("--div-fraction", type=float, default=0.5)
+    add_protocol_arguments(p, threshold=None, threshold_help="smoothed rollout reward to reach (default: the base's reward with "
+                           "FlowGRPO's CFG, i.e. CFG-free NFT matching the base's CFG correctness)")
     p.add_argument("--per-class", type=int, default=100, help="samples per digit in each quality measurement")
     p.add_argument("--cfg-grid", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0, 5.0],
                    help="CFG scales of the base's sweep (reward and FD of each)")
     p.add_argument("--methods", nargs="+", default=["nft", "flowgrpo"], choices=sorted(CONFIGS))
-    p.add_argument("--override", nargs="*", default=[], help="extra key=value overrides for both methods")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
-    p.add_argument("--workdir", default=None)
     p.add_argument("--reuse", action="store_true", help="read finished runs back from --workdir instead of training them")
-    p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
-
-    import torch
 
     from flowlab.metrics.digits import DigitsEvaluator
     from flowlab.recipes import load_config
 
-    torch.set_num_threads(args.threads)
-    if not os.path.isdir(args.base):
-        print(f"bench_nft_cond: {args.base} not found; train it with: python train.py --config configs/quickstart.yaml", file=sys.stderr)
+    workdir = start_protocol(args, "bench_nft_cond")
+    if workdir is None:
         return 2
-    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_nft_cond_")
     ev = DigitsEvaluator.load()
     base_pipe = load_pipeline(args.base)
     grpo_cfg = load_config(os.path.join(ROOT, "configs", CONFIGS["flowgrpo"]), [*args.override])
@@ -197,8 +180,7 @@ def main(argv=None) -> int:
             print(f"{method} lr {lr:g} seed {args.seeds[0]}: last-quarter reward {r['last_quarter_reward']:.3f}, "
                   f"to {args.threshold}: {r['rollouts_to_threshold']} rollouts, final reward {r['eval_reward']:.3f}, "
                   f"FD/class {r['fd']:.1f}, diversity {r['diversity']:.3f}, guards {'ok' if r['passes_guards'] else 'FAIL'}, {r['wall_s']:.0f}s")
-        ok = [r for r in grid if r["passes_guards"]] or grid
-        best = max(ok, key=lambda r: (r["last_quarter_reward"], -(r["rollouts_to_threshold"] or 1e18)))
+        best = best_rate(grid)
         runs = [best] + [run_one(method, args.base, best["lr"], s, steps, args, workdir, ev) for s in args.seeds[1:]]
         for r in runs[1:]:
             print(f"{method} lr {best['lr']:g} seed {r['seed']}: to {args.threshold}: {r['rollouts_to_threshold']} rollouts, "
@@ -224,11 +206,7 @@ def main(argv=None) -> int:
         print(f"{m}: to {args.threshold} (median): {to}; stays: {s['stays_above']}; last-quarter reward {s['last_quarter_reward']:.3f}")
     if results.get("rollout_ratio") is not None:
         print(f"FlowGRPO / NFT to reach {args.threshold}: rollouts x{results['rollout_ratio']:.2f}, wall time x{results['time_ratio']:.2f}")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-        print(f"wrote {args.json}")
+    write_results(results, args.json)
     return 0
 
 
