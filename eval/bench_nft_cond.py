@@ -42,10 +42,10 @@ import time
 
 from bench_nft import add_protocol_arguments, add_ratios, best_rate, reward_curve, start_protocol, summarize, write_results
 
-RUNTIME = """Runtime of the default run (the 2-core CPU, 1 torch thread; docs/benchmarks.md): about 45 min on a
-quiet machine (the 4-rate grid x 2 methods on seed 0, then each chosen rate on seeds 1 and 2; FlowGRPO's
-CFG doubles its forward passes). It needs the base pipeline first:
-python train.py --config configs/quickstart.yaml (about 3 min)."""
+RUNTIME = """Runtime of the default run (the 2-core CPU shared with other jobs, 1 torch thread; docs/benchmarks.md):
+about 95 min in one process (12 runs: an NFT run takes about 5 min, a FlowGRPO run about 10 min, its CFG
+doubling the forward passes), about 60 min with --methods nft and --methods flowgrpo in two processes and a
+final --reuse call. It needs the base pipeline first: python train.py --config configs/quickstart.yaml (about 3 min)."""
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"nft": "nft_digits_cond.yaml", "flowgrpo": "flowgrpo_digits_cond.yaml"}
 NUM_CLASSES = 10
