@@ -30,6 +30,8 @@ model with its own evaluation CFG.
 
 Runs are cached in ``--workdir`` (``result.json`` per run): with ``--reuse`` a finished run is read back
 instead of trained, so the two methods can run in two processes and a third call assembles the report.
+Never let two calls train the same run (method, rate, seed) into one ``--workdir`` at once: each clears
+its run folder when it starts.
 """
 from __future__ import annotations
 
