@@ -126,6 +126,7 @@ def run_one(method: str, base: str, lr: float, seed: int, steps: int, args, work
     res = {
         "lr": lr, "seed": seed, **reward_curve(recs, cfg.train.batch_size * cfg.rl.group_size, args),
         "fd": q["fd_class_mean"], "diversity": q["diversity_class_mean"], "eval_reward": q["reward"], "quality": q,
+        "fd_judge": q.get("fd_judge_class_mean"),  # the independent judge's FD, where flowlab.nft.quality reports one
         "rollout_guidance_scale": cfg.rl.guidance_scale, "rollouts_per_step": cfg.train.batch_size * cfg.rl.group_size, "wall_s": total,
     }
     with open(cached, "w") as f:
