@@ -538,9 +538,10 @@ class Trainer:
                     if not strategy.part_is_finite(out.loss):
                         finite = False
                         break
+                    loss = out.loss if t.grad_accum_steps == 1 else out.loss / t.grad_accum_steps
                     with sync():
-                        acc.backward(out.loss / t.grad_accum_steps)
-                    step_loss += out.loss.detach() / t.grad_accum_steps
+                        acc.backward(loss)
+                    step_loss += loss.detach()
                     extra_logs = {**(extra_logs if part_index else {}), **out.logs}  # all parts' logs
                     part_index += 1
                 if not finite:
