@@ -167,10 +167,13 @@ class FluxAdapter(FamilyAdapter):
     def path(self) -> AffinePath:
         return LinearPath()
 
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "max_sequence_length": self.max_sequence_length}
+
     # ----------------------------------------------------------------- conditioning
     def _encode_unique(self, prompts: list[str]) -> Conditioning:
         pe, pooled, _ = self.pipeline().encode_prompt(
-            prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+            prompt=prompts, prompt_2=None, device=self.text_device, max_sequence_length=self.max_sequence_length
         )
         return {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}
 
