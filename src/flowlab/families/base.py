@@ -58,8 +58,8 @@ class FamilyAdapter(nn.Module):
 
     Subclasses set :attr:`pipeline_class` (the diffusers pipeline of the family), :attr:`network_name`
     (its denoiser component: ``transformer`` or ``unet``), :attr:`default_lora_targets` and
-    :attr:`prediction_type`, hold the components as attributes named as in the pipeline, and implement
-    :meth:`_encode_unique`, :meth:`_forward`, :meth:`decode`, :attr:`sample_shape` and :attr:`path`.
+    :attr:`prediction_type`, hold the components as attributes named as in the pipeline (and ``resolution``,
+    ``vae_scale_factor``), and implement :meth:`_encode_unique`, :meth:`_forward`, :meth:`decode` and :attr:`path`.
 
     Args:
         negative_prompt: the unconditional prompt of classifier-free guidance.
@@ -220,9 +220,16 @@ class FamilyAdapter(nn.Module):
         return (0.0, 1.0)
 
     @property
-    @abstractmethod
     def sample_shape(self) -> tuple[int, ...]:
-        """Unpacked latent shape ``(C, h, w)`` of one sample."""
+        """Unpacked latent shape ``(C, h, w)`` of one sample: the network's input channels at
+        ``resolution / vae_scale_factor`` (a family that packs or pads latents overrides this)."""
+        side = self.resolution // self.vae_scale_factor
+        return (int(self.network.config.in_channels), side, side)
+
+    def check_latents(self, x: Tensor) -> None:
+        """Raise a ``ValueError`` unless ``x`` is ``(B, *sample_shape)`` (families whose network needs exactly that size)."""
+        if tuple(x.shape[1:]) != tuple(self.sample_shape):
+            raise ValueError(f"{type(self).__name__}: latents must have shape (B, {', '.join(map(str, self.sample_shape))}), got {tuple(x.shape)}")
 
     @property
     def guidance_default(self) -> float:

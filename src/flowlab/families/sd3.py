@@ -138,11 +138,6 @@ class SD3Adapter(FamilyAdapter):
 
     # ----------------------------------------------------------------- shapes, path, grid
     @property
-    def sample_shape(self) -> tuple[int, ...]:
-        side = self.resolution // self.vae_scale_factor
-        return (int(self.transformer.config.in_channels), side, side)
-
-    @property
     def path(self) -> AffinePath:
         return LinearPath()
 
@@ -188,8 +183,7 @@ class SD3Adapter(FamilyAdapter):
         return diffusers_to_velocity(out).to(x.dtype)
 
     def _forward(self, network: nn.Module, x: Tensor, t: Tensor, cond: Conditioning, guidance: float, detach_unconditional: bool = False) -> Tensor:
-        if tuple(x.shape[1:]) != self.sample_shape:
-            raise ValueError(f"SD3 latents must have shape (B, {', '.join(map(str, self.sample_shape))}), got {tuple(x.shape)}")
+        self.check_latents(x)
         return self._classifier_free_guidance(lambda x_, t_, c: self._velocity(network, x_, t_, c), x, t, cond, guidance, detach_unconditional)
 
     # ----------------------------------------------------------------- images

@@ -147,11 +147,6 @@ class UNetAdapter(FamilyAdapter):
         return (0.0, 1.0 - 1.0 / self._path.num_train_timesteps)
 
     @property
-    def sample_shape(self) -> tuple[int, ...]:
-        side = self.resolution // self.vae_scale_factor
-        return (int(self.unet.config.in_channels), side, side)
-
-    @property
     def guidance_default(self) -> float:
         return self.guidance_scale
 
