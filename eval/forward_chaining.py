@@ -33,7 +33,7 @@ trained facts (``attr``, ``problem``) and the held-out rule facts (``rule``) at 
          "facts": {"attr": acc, "problem": acc, "rule": acc},
          "by_branching_factor": {"<b>": {"roots": acc, "roots_solved": n, "roots_total": n, "queries": acc, "count": n}},
          "by_hops": {"<h>": {"accuracy": acc, "count": n}},
-         "parameters": n, "train_seconds": s | null}}}
+         "parameters": n, "train_seconds": s | null, "train_cpu_seconds": s | null, "eval_cpu_seconds": s}}}
 """
 from __future__ import annotations
 
@@ -109,11 +109,17 @@ def load_run(run_dir: str):
     return load_reversal_model(model_dir), read_forward_chaining_data(os.path.join(model_dir, "data"))
 
 
-def train_all(workdir: str, configs: dict, overrides: list[str], keys: list[str]) -> dict[str, tuple[str, float]]:
-    """Train the shipped configs through the shared Trainer; ``{key: (run_dir, seconds)}``."""
+def train_all(workdir: str, configs: dict, overrides: list[str], keys: list[str]) -> dict[str, tuple[str, float, float]]:
+    """Train the shipped configs through the shared Trainer, one after the other;
+    ``{key: (run_dir, wall seconds, CPU seconds of this process)}`` (data generation included)."""
     from flowlab.recipes import train_benchmark_runs
 
-    return train_benchmark_runs({k: os.path.join(ROOT, "configs", configs[k]) for k in keys}, workdir, "chain", overrides)
+    out = {}
+    for k in keys:
+        cpu = time.process_time()
+        (run_dir, wall), = train_benchmark_runs({k: os.path.join(ROOT, "configs", configs[k])}, workdir, "chain", overrides).values()
+        out[k] = (run_dir, wall, time.process_time() - cpu)
+    return out
 
 
 def format_table(models: dict) -> str:
@@ -151,12 +157,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     t_start = time.perf_counter()
     seconds: dict = {}
+    cpu_seconds: dict = {}
     run_dirs = list(args.runs or [])
     if args.train:
         workdir = args.workdir or tempfile.mkdtemp(prefix="chain_bench_")
         trained = train_all(workdir, GPU_CONFIGS if args.gpu else CONFIGS, args.set, args.models)
-        run_dirs += [d for d, _ in trained.values()]
-        seconds = {k: s for k, (_, s) in trained.items()}
+        run_dirs += [d for d, _, _ in trained.values()]
+        seconds = {k: s for k, (_, s, _) in trained.items()}
+        cpu_seconds = {k: c for k, (_, _, c) in trained.items()}
     models: dict = {}
     proto = None
     for d in run_dirs:
@@ -169,8 +177,11 @@ def main(argv=None) -> int:
             raise SystemExit(f"eval/forward_chaining.py: {d} was trained on other data than the first run "
                              f"({p_d} != {proto}); compare models on the same data")
         proto = p_d
+        cpu = time.process_time()
         with torch.no_grad():
-            models[key] = {**report(model, data), "train_seconds": seconds.get(key)}
+            entry = report(model, data)
+        models[key] = {**entry, "train_seconds": seconds.get(key), "train_cpu_seconds": cpu_seconds.get(key),
+                       "eval_cpu_seconds": time.process_time() - cpu}
     total = time.perf_counter() - t_start
     print(format_table(models))
     print(f"Wang & Sun, o3-mini in context: {PAPER_O3_MINI} problems solved of 20 per branching factor")

@@ -241,3 +241,27 @@ def test_concept_regression_loss_is_one_minus_cosine_and_reaches_the_tail_concep
     only_tails = [int(e) for e in t.unique() if e not in set(h.tolist())]
     assert only_tails and all(slot_grad[e].abs().sum() > 0 for e in only_tails)
     assert any(q.grad is not None and q.grad.abs().sum() > 0 for q in model.predictor.parameters())
+
+
+def test_concept_regression_without_predictor_grad_moves_only_concepts(tmp_path):
+    """``predictor_grad=False``: the same value, no gradient into the predictor or its output norm, but the
+    tail's and the head's memory slots still get one; requires_grad is restored afterwards."""
+    from flowlab.jepa.chain import concept_regression_loss
+    from flowlab.jepa.recipe import ReversalJEPARecipe
+    from flowlab.recipes import load_config
+
+    cfg = load_config(os.path.join(ROOT, "configs", "chain_jepa.yaml"), [f"output_dir={tmp_path}", *TINY])
+    recipe = ReversalJEPARecipe(cfg)
+    torch.manual_seed(0)
+    model = recipe.build_model(recipe.build_dataset())
+    f = recipe.data.facts_tensor("problem")[:8]
+    h, r, t = f[:, 0], f[:, 1], f[:, 2]
+    with_grad = concept_regression_loss(model, h, r, t)
+    loss = concept_regression_loss(model, h, r, t, predictor_grad=False)
+    assert torch.allclose(loss, with_grad)
+    loss.backward()
+    frozen = [*model.predictor.parameters(), *model.output_norm.parameters()]
+    assert all(p.grad is None for p in frozen) and all(p.requires_grad for p in frozen)
+    slot_grad = model.memory.values.grad
+    assert all(slot_grad[int(e)].abs().sum() > 0 for e in t.unique())
+    assert all(slot_grad[int(e)].abs().sum() > 0 for e in h.unique())
