@@ -140,31 +140,8 @@ def format_table(models: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, epilog=RUNTIME, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", nargs="+", default=None, help="trained run folders (output_dir of train.py)")
-    p.add_argument("--train", action="store_true", help="train the shipped configs first (the benchmark)")
-    p.add_argument("--gpu", action="store_true", help="with --train: the paper-size configs (configs/chain_*_gpu.yaml)")
-    p.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="with --train: which ones")
-    p.add_argument("--set", nargs="*", default=[], metavar="key=value", help="with --train: config overrides for every model")
-    p.add_argument("--workdir", default=None, help="with --train: where the runs go (default: a temporary folder)")
-    p.add_argument("--json", default=None, help="write the results here")
-    args = p.parse_args(argv)
-    if not args.train and not args.runs:
-        p.error("give --runs DIR... or --train")
-    if args.gpu and not args.train:
-        p.error("--gpu only applies with --train")
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    t_start = time.perf_counter()
-    seconds: dict = {}
-    cpu_seconds: dict = {}
-    run_dirs = list(args.runs or [])
-    if args.train:
-        workdir = args.workdir or tempfile.mkdtemp(prefix="chain_bench_")
-        trained = train_all(workdir, GPU_CONFIGS if args.gpu else CONFIGS, args.set, args.models)
-        run_dirs += [d for d, _, _ in trained.values()]
-        seconds = {k: s for k, (_, s, _) in trained.items()}
-        cpu_seconds = {k: c for k, (_, _, c) in trained.items()}
+def evaluate_runs(run_dirs: list[str], seconds: dict, cpu_seconds: dict) -> tuple[dict, dict]:
+    """``(protocol, {model key: report})`` of trained runs, all on the same data (one run per model kind)."""
     models: dict = {}
     proto = None
     for d in run_dirs:
@@ -182,14 +159,109 @@ def main(argv=None) -> int:
             entry = report(model, data)
         models[key] = {**entry, "train_seconds": seconds.get(key), "train_cpu_seconds": cpu_seconds.get(key),
                        "eval_cpu_seconds": time.process_time() - cpu}
+    return proto, models
+
+
+def _mean_std(values: list[float]) -> dict:
+    t = torch.tensor(values, dtype=torch.float64)
+    return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0, "values": list(values)}
+
+
+def summarize(results: list[dict]) -> dict:
+    """Mean, sample standard deviation and per-seed values over several single-seed results (``--json`` layouts
+    of one data seed each): per model, roots solved per branching factor, accuracy per hop count, all queries,
+    the fact splits and the CPU seconds of training."""
+    keys = [k for k in results[0]["models"] if all(k in r["models"] for r in results)]
+    out = {}
+    for k in keys:
+        runs = [r["models"][k] for r in results]
+        out[k] = {
+            "roots_solved": {b: _mean_std([m["by_branching_factor"][b]["roots_solved"] for m in runs])
+                             for b in runs[0]["by_branching_factor"]},
+            "roots_total": {b: runs[0]["by_branching_factor"][b]["roots_total"] for b in runs[0]["by_branching_factor"]},
+            "by_hops": {h: _mean_std([m["by_hops"][h]["accuracy"] for m in runs if h in m["by_hops"]])
+                        for h in runs[0]["by_hops"]},
+            "queries": _mean_std([m["queries"] for m in runs]),
+            "facts": {f: _mean_std([m["facts"][f] for m in runs]) for f in runs[0]["facts"]},
+            "train_cpu_seconds": _mean_std([m["train_cpu_seconds"] for m in runs if m.get("train_cpu_seconds") is not None] or [float("nan")]),
+        }
+    return out
+
+
+def format_summary(summary: dict, n: int) -> str:
+    """One line per model: mean ± std over ``n`` seeds."""
+    lines = []
+    for k, s in summary.items():
+        bf = "  ".join(f"bf{b} {v['mean']:.1f}±{v['std']:.1f}/{s['roots_total'][b]}" for b, v in s["roots_solved"].items())
+        hp = "  ".join(f"hop{h} {v['mean']:.3f}±{v['std']:.3f}" for h, v in s["by_hops"].items())
+        lines.append(f"{k} ({n} seeds): roots solved {bf} | {hp} | all {s['queries']['mean']:.3f}±{s['queries']['std']:.3f} "
+                     f"| attr {s['facts']['attr']['mean']:.3f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, epilog=RUNTIME, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", nargs="+", default=None, help="trained run folders (output_dir of train.py)")
+    p.add_argument("--train", action="store_true", help="train the shipped configs first (the benchmark)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="with --train: one benchmark per seed (run and data seed), then mean and spread")
+    p.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                   help="mean and spread of single-seed results written by --json (one per data seed)")
+    p.add_argument("--gpu", action="store_true", help="with --train: the paper-size configs (configs/chain_*_gpu.yaml)")
+    p.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="with --train: which ones")
+    p.add_argument("--set", nargs="*", default=[], metavar="key=value", help="with --train: config overrides for every model")
+    p.add_argument("--workdir", default=None, help="with --train: where the runs go (default: a temporary folder)")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    if not args.train and not args.runs and not args.combine:
+        p.error("give --runs DIR..., --train or --combine JSON...")
+    if args.gpu and not args.train:
+        p.error("--gpu only applies with --train")
+    if args.seeds and not args.train:
+        p.error("--seeds only applies with --train")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    t_start = time.perf_counter()
+    paper = {"o3-mini_solved_of_20": PAPER_O3_MINI}
+    if args.combine or args.seeds:
+        if args.combine:
+            results = []
+            for path in args.combine:
+                with open(path) as f:
+                    results.append(json.load(f))
+        else:
+            workdir = args.workdir or tempfile.mkdtemp(prefix="chain_bench_")
+            results = []
+            for seed in args.seeds:
+                trained = train_all(os.path.join(workdir, f"seed_{seed}"), GPU_CONFIGS if args.gpu else CONFIGS,
+                                    [*args.set, f"seed={seed}"], args.models)
+                proto, models = evaluate_runs([d for d, _, _ in trained.values()], {k: s for k, (_, s, _) in trained.items()},
+                                              {k: c for k, (_, _, c) in trained.items()})
+                print(f"seed {seed}:\n{format_table(models)}")
+                results.append({"protocol": proto, "paper": paper, "models": models})
+        summary = summarize(results)
+        print(format_summary(summary, len(results)))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"seeds": {str(r["protocol"]["seed"]): r for r in results}, "summary": summary, "paper": paper,
+                           "total_seconds": time.perf_counter() - t_start}, f, indent=2)
+        return 0
+    seconds: dict = {}
+    cpu_seconds: dict = {}
+    run_dirs = list(args.runs or [])
+    if args.train:
+        workdir = args.workdir or tempfile.mkdtemp(prefix="chain_bench_")
+        trained = train_all(workdir, GPU_CONFIGS if args.gpu else CONFIGS, args.set, args.models)
+        run_dirs += [d for d, _, _ in trained.values()]
+        seconds = {k: s for k, (_, s, _) in trained.items()}
+        cpu_seconds = {k: c for k, (_, _, c) in trained.items()}
+    proto, models = evaluate_runs(run_dirs, seconds, cpu_seconds)
     total = time.perf_counter() - t_start
     print(format_table(models))
     print(f"Wang & Sun, o3-mini in context: {PAPER_O3_MINI} problems solved of 20 per branching factor")
     print(f"total wall time {total:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"protocol": proto, "paper": {"o3-mini_solved_of_20": PAPER_O3_MINI}, "models": models,
-                       "total_seconds": total}, f, indent=2)
+            json.dump({"protocol": proto, "paper": paper, "models": models, "total_seconds": total}, f, indent=2)
     return 0
 
 

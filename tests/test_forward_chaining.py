@@ -265,3 +265,20 @@ def test_concept_regression_without_predictor_grad_moves_only_concepts(tmp_path)
     slot_grad = model.memory.values.grad
     assert all(slot_grad[int(e)].abs().sum() > 0 for e in t.unique())
     assert all(slot_grad[int(e)].abs().sum() > 0 for e in h.unique())
+
+
+def test_eval_summary_is_mean_and_sample_std_over_seeds():
+    """``summarize`` over single-seed results: per-seed values kept, mean and sample standard deviation."""
+    mod = _eval_script()
+
+    def result(seed, solved, hop1):
+        return {"protocol": {"seed": seed}, "models": {"jepa_memory": {
+            "by_branching_factor": {"2": {"roots_solved": solved, "roots_total": 10}},
+            "by_hops": {"1": {"accuracy": hop1}}, "queries": hop1, "facts": {"attr": 1.0},
+            "train_cpu_seconds": 100.0 + seed}}}
+
+    s = mod.summarize([result(0, 1, 0.5), result(1, 2, 0.7), result(2, 6, 0.9)])["jepa_memory"]
+    assert s["roots_solved"]["2"]["values"] == [1, 2, 6] and s["roots_solved"]["2"]["mean"] == pytest.approx(3.0)
+    assert s["roots_solved"]["2"]["std"] == pytest.approx(((4 + 1 + 9) / 2) ** 0.5)
+    assert s["by_hops"]["1"]["mean"] == pytest.approx(0.7) and s["by_hops"]["1"]["std"] == pytest.approx(0.2)
+    assert s["roots_total"] == {"2": 10} and s["train_cpu_seconds"]["mean"] == pytest.approx(101.0)
