@@ -2,9 +2,13 @@
 """Parametric forward-chaining benchmark: the GPT-2 baseline against JEPA + memory on the same facts.
 
     # the whole benchmark in one run: train both shipped configs, then evaluate (CPU, OMP_NUM_THREADS=1).
-    # Measured on 2 cores shared with ~10 other processes: GPT-2 21 min wall (2.2 min of CPU time), JEPA +
-    # memory 29 min wall (CPU time not recorded), evaluation 1 min -- about 50 min in all under that load
+    # CPU time measured on the shared 2-core machine: GPT-2 ~235 s, JEPA + memory ~140 s, evaluation ~2 s,
+    # ~10 s start-up: ~7 min on a quiet machine (the wall time under a load of ~10 was ~6x that)
     OMP_NUM_THREADS=1 python eval/forward_chaining.py --train --json chain.json
+
+    # three data seeds (run seed = data seed), then mean, sample std and per-seed values: ~20 min
+    OMP_NUM_THREADS=1 python eval/forward_chaining.py --train --seeds 0 1 2 --json chain3.json
+    python eval/forward_chaining.py --combine seed0.json seed1.json seed2.json   # the same from single-seed JSONs
 
     # evaluate finished runs (each holds <run>/model, written by train.py)
     python eval/forward_chaining.py --runs runs/chain_ar runs/chain_jepa --json chain.json
@@ -45,10 +49,10 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNTIME = """Runtime (the shared 2-core CPU, OMP_NUM_THREADS=1): there is no default run; give --runs or --train.
---train, the benchmark: about 50 min measured with ~10 other processes on the 2 cores (GPT-2 21 min wall but
-2.2 min of CPU time, JEPA + memory 29 min wall, evaluation 1 min); expect far less on a quiet machine.
---runs on the two shipped models: evaluation only, about 1 min."""
+RUNTIME = """Runtime (OMP_NUM_THREADS=1): there is no default run; give --runs, --train or --combine.
+--train, the benchmark: ~7 min of CPU (GPT-2 ~235 s, JEPA + memory ~140 s, evaluation ~2 s, start-up ~10 s),
+i.e. ~7 min on a quiet 2-core machine; measured on the shared one at a load of ~10 it took ~6x that in wall time.
+--train --seeds 0 1 2: three benchmarks, ~20 min quiet. --runs / --combine: evaluation only, seconds."""
 
 import torch
 
