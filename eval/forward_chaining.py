@@ -187,7 +187,8 @@ def summarize(results: list[dict]) -> dict:
                         for h in runs[0]["by_hops"]},
             "queries": _mean_std([m["queries"] for m in runs]),
             "facts": {f: _mean_std([m["facts"][f] for m in runs]) for f in runs[0]["facts"]},
-            "train_cpu_seconds": _mean_std([m["train_cpu_seconds"] for m in runs if m.get("train_cpu_seconds") is not None] or [float("nan")]),
+            "train_cpu_seconds": (_mean_std(cpu) if (cpu := [m["train_cpu_seconds"] for m in runs
+                                                              if m.get("train_cpu_seconds") is not None]) else None),
         }
     return out
 
