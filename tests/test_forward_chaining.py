@@ -218,10 +218,9 @@ def test_tiny_end_to_end_both_models_and_eval_json(tmp_path):
     assert res["models"]["jepa_memory"]["facts"]["attr"] == pytest.approx(metrics["attr"])
 
 
-def test_concept_regression_loss_is_one_minus_cosine_and_reaches_the_tail_concept(tmp_path):
-    """The regression term equals mean(1 - cos(P(c_h, c_r), c_t)) and, with no stop-gradient, moves the
-    tail's memory slot as well as the predictor."""
-    from flowlab.jepa.chain import concept_regression_loss
+def _tiny_jepa_and_problem_facts(tmp_path, n: int = 8):
+    """An untrained JEPA + memory built by the recipe from the tiny chain config, and the heads, relations and
+    tails ``(n,)`` of its first ``n`` problem facts."""
     from flowlab.jepa.recipe import ReversalJEPARecipe
     from flowlab.recipes import load_config
 
@@ -229,8 +228,16 @@ def test_concept_regression_loss_is_one_minus_cosine_and_reaches_the_tail_concep
     recipe = ReversalJEPARecipe(cfg)
     torch.manual_seed(0)
     model = recipe.build_model(recipe.build_dataset())
-    f = recipe.data.facts_tensor("problem")[:8]
-    h, r, t = f[:, 0], f[:, 1], f[:, 2]
+    f = recipe.data.facts_tensor("problem")[:n]
+    return model, (f[:, 0], f[:, 1], f[:, 2])
+
+
+def test_concept_regression_loss_is_one_minus_cosine_and_reaches_the_tail_concept(tmp_path):
+    """The regression term equals mean(1 - cos(P(c_h, c_r), c_t)) and, with no stop-gradient, moves the
+    tail's memory slot as well as the predictor."""
+    from flowlab.jepa.chain import concept_regression_loss
+
+    model, (h, r, t) = _tiny_jepa_and_problem_facts(tmp_path)
     loss = concept_regression_loss(model, h, r, t)
     p = model.predict(model.entity_concepts(h), model.relation_concepts(r))
     c = model.entity_concepts(t)
@@ -247,15 +254,8 @@ def test_concept_regression_without_predictor_grad_moves_only_concepts(tmp_path)
     """``predictor_grad=False``: the same value, no gradient into the predictor or its output norm, but the
     tail's and the head's memory slots still get one; requires_grad is restored afterwards."""
     from flowlab.jepa.chain import concept_regression_loss
-    from flowlab.jepa.recipe import ReversalJEPARecipe
-    from flowlab.recipes import load_config
 
-    cfg = load_config(os.path.join(ROOT, "configs", "chain_jepa.yaml"), [f"output_dir={tmp_path}", *TINY])
-    recipe = ReversalJEPARecipe(cfg)
-    torch.manual_seed(0)
-    model = recipe.build_model(recipe.build_dataset())
-    f = recipe.data.facts_tensor("problem")[:8]
-    h, r, t = f[:, 0], f[:, 1], f[:, 2]
+    model, (h, r, t) = _tiny_jepa_and_problem_facts(tmp_path)
     with_grad = concept_regression_loss(model, h, r, t)
     loss = concept_regression_loss(model, h, r, t, predictor_grad=False)
     assert torch.allclose(loss, with_grad)
