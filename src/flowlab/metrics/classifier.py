@@ -21,6 +21,7 @@ caches) a new model.
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 import json
 import os
 import time
@@ -96,7 +97,24 @@ JUDGE_RECIPE: dict[str, Any] = {
 JUDGE_VERSION = recipe_hash(JUDGE_RECIPE)
 
 
-class DigitsClassifier(nn.Module):
+class _FeatureClassifier(nn.Module, ABC):
+    """A classifier whose logits are ``head(relu(features(x)))``; subclasses define ``features`` and ``head``."""
+
+    head: nn.Linear
+
+    @abstractmethod
+    def features(self, x: Tensor) -> Tensor:
+        """Penultimate pre-activations ``(N, feature_dim)`` of images ``(N, 1, 8, 8)`` in ``[-1, 1]``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(F.relu(self.features(x)))
+
+    def features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        f = self.features(x)
+        return f, self.head(F.relu(f))
+
+
+class DigitsClassifier(_FeatureClassifier):
     """``(N, 1, 8, 8)`` in ``[-1, 1]`` -> logits ``(N, 10)``.
 
     ``features`` is the 128-d penultimate layer *before* its ReLU: post-ReLU, about half of
@@ -116,15 +134,8 @@ class DigitsClassifier(nn.Module):
         h = F.max_pool2d(F.relu(self.conv2(h)), 2)  # (N, c2, 4, 4)
         return self.fc(h.flatten(1))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(F.relu(self.features(x)))
 
-    def features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        f = self.features(x)
-        return f, self.head(F.relu(f))
-
-
-class DigitsMLPClassifier(nn.Module):
+class DigitsMLPClassifier(_FeatureClassifier):
     """``(N, 1, 8, 8)`` in ``[-1, 1]`` -> logits ``(N, 10)`` through an MLP on the 64 pixels.
 
     ``features`` are the ``feature_dim`` pre-activations of the second layer (as for
@@ -138,13 +149,6 @@ class DigitsMLPClassifier(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(F.relu(self.features(x)))
-
-    def features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        f = self.features(x)
-        return f, self.head(F.relu(f))
 
 
 def build_classifier(recipe: dict[str, Any]) -> DigitsClassifier | DigitsMLPClassifier:
