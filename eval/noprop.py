@@ -84,29 +84,17 @@ def run_variant(variant: str, seed: int, workdir: str, extra: list[str], ct_step
     return res
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, epilog=RUNTIME,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", required=True, help="where to write the results")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--max-steps", type=int, default=None, help="override train.max_steps of every config")
-    p.add_argument("--ct-steps", type=int, nargs="+", default=[1, 2, 5, 10, 20, 50], help="ODE steps for CT / FM")
-    p.add_argument("--workdir", default=None, help="run folders (default: a temporary folder)")
-    args = p.parse_args(argv)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    extra = [f"train.max_steps={args.max_steps}"] if args.max_steps else []
-    workdir = args.workdir or tempfile.mkdtemp(prefix="noprop_bench_")
-    per_seed: dict = {v: [] for v in args.variants}
-    for s in args.seeds:  # interleaved: every variant of one seed, then the next seed (see the module docstring)
-        for v in args.variants:
-            per_seed[v].append(run_variant(v, s, workdir, extra, args.ct_steps))
-    results: dict = {"seeds": args.seeds, "dataset": "digits (sklearn, 1437 train / 360 held-out test)",
-                     "torch_threads": torch.get_num_threads()}
+def summarize(per_seed: dict, seeds: list[int], ct_steps: list[int], torch_threads: int) -> dict:
+    """The benchmark's JSON from ``{variant: [run_variant(...) per seed]}``: per variant the mean accuracy (per ODE
+    step count for CT / FM), per-seed accuracies, wall and CPU seconds, steps, parameters and peak saved bytes;
+    with DT and back-prop both present, DT's accuracy difference and its wall / CPU time ratios to back-prop
+    (ratios of the means over seeds, and each seed's pair)."""
+    results: dict = {"seeds": list(seeds), "dataset": "digits (sklearn, 1437 train / 360 held-out test)",
+                     "torch_threads": torch_threads}
     for v, runs in per_seed.items():
         r: dict = {}
         if isinstance(runs[0]["accuracy"], dict):
-            r["accuracy"] = {str(s): statistics.mean(run["accuracy"][s] for run in runs) for s in args.ct_steps}
+            r["accuracy"] = {str(s): statistics.mean(run["accuracy"][s] for run in runs) for s in ct_steps}
             r["accuracy_per_seed"] = [{str(k): a for k, a in run["accuracy"].items()} for run in runs]
         else:
             r["accuracy"] = statistics.mean(run["accuracy"] for run in runs)
@@ -125,8 +113,29 @@ def main(argv=None) -> int:
             results["dt"][f"{key}_ratio_to_backprop"] = (
                 statistics.mean(run[key] for run in dt) / statistics.mean(run[key] for run in bp))
         results["dt"]["pair_seconds_ratios"] = [a["seconds"] / b["seconds"] for a, b in zip(dt, bp)]
-    if "dt" in results and "backprop" in results and "peak_saved_bytes" in results["dt"]:
-        results["dt"]["peak_saved_ratio_to_backprop"] = results["dt"]["peak_saved_bytes"] / results["backprop"]["peak_saved_bytes"]
+        if "peak_saved_bytes" in results["dt"] and "peak_saved_bytes" in results["backprop"]:
+            results["dt"]["peak_saved_ratio_to_backprop"] = results["dt"]["peak_saved_bytes"] / results["backprop"]["peak_saved_bytes"]
+    return results
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, epilog=RUNTIME,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", required=True, help="where to write the results")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--max-steps", type=int, default=None, help="override train.max_steps of every config")
+    p.add_argument("--ct-steps", type=int, nargs="+", default=[1, 2, 5, 10, 20, 50], help="ODE steps for CT / FM")
+    p.add_argument("--workdir", default=None, help="run folders (default: a temporary folder)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    extra = [f"train.max_steps={args.max_steps}"] if args.max_steps else []
+    workdir = args.workdir or tempfile.mkdtemp(prefix="noprop_bench_")
+    per_seed: dict = {v: [] for v in args.variants}
+    for s in args.seeds:  # interleaved: every variant of one seed, then the next seed (see the module docstring)
+        for v in args.variants:
+            per_seed[v].append(run_variant(v, s, workdir, extra, args.ct_steps))
+    results = summarize(per_seed, args.seeds, args.ct_steps, torch.get_num_threads())
     with open(args.json, "w") as f:
         json.dump(results, f, indent=2)
     print(json.dumps(results, indent=2))
