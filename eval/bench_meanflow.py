@@ -193,6 +193,7 @@ def score(args, pipeline: str, cells: list[tuple[str, int, float | None]], evalu
     out = {}
     for solver, nfe, shift in cells:
         row, _ = sample_fd(pipe, evaluator, latents, labels, solver, nfe, shift, 500)
+        row["shift"] = pipe.scheduler.config.shift if shift is None else shift  # the grid actually used
         key = f"{solver}-{nfe}" if shift is None else f"{solver}-{nfe}-shift{shift:g}"
         out[key] = {k: row[k] for k in ("solver", "steps", "shift", "nfe", "fd", "confidence", "num_nonfinite", "seconds")}
     return out
