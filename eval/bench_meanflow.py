@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 RUNTIME = """Runtime (the shared 2-core CPU, OMP_NUM_THREADS=1): the default (3 seeds) trains the quickstart and the
-MeanFlow model per seed, about 15 min of CPU in all on a quiet machine (seed 0 alone took 151 + 145 CPU-s of
-training; 20-36 min of wall time per run at a load average of 15-20)."""
+MeanFlow model per seed, about 15 min of CPU in all on a quiet machine (143-154 CPU-s per standard run,
+136-139 per MeanFlow run; 12-15 min of wall time per run at a load average of 10-13)."""
 
 import torch
 
