@@ -125,16 +125,25 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--max-steps", type=int, default=None, help="override train.max_steps of every config")
+    p.add_argument("--steps", nargs="+", default=[], metavar="VARIANT=N",
+                   help="train.max_steps of one variant (after --max-steps), e.g. --steps dt=450 to match back-prop's time")
     p.add_argument("--ct-steps", type=int, nargs="+", default=[1, 2, 5, 10, 20, 50], help="ODE steps for CT / FM")
     p.add_argument("--workdir", default=None, help="run folders (default: a temporary folder)")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     extra = [f"train.max_steps={args.max_steps}"] if args.max_steps else []
+    steps: dict[str, int] = {}
+    for item in args.steps:
+        v, _, n = item.partition("=")
+        if v not in VARIANTS or not n.isdigit() or int(n) < 1:
+            p.error(f"--steps {item!r}: expected VARIANT=N with VARIANT one of {', '.join(VARIANTS)} and N >= 1")
+        steps[v] = int(n)
     workdir = args.workdir or tempfile.mkdtemp(prefix="noprop_bench_")
     per_seed: dict = {v: [] for v in args.variants}
     for s in args.seeds:  # interleaved: every variant of one seed, then the next seed (see the module docstring)
         for v in args.variants:
-            per_seed[v].append(run_variant(v, s, workdir, extra, args.ct_steps))
+            own = [f"train.max_steps={steps[v]}"] if v in steps else []
+            per_seed[v].append(run_variant(v, s, workdir, extra + own, args.ct_steps))
     results = summarize(per_seed, args.seeds, args.ct_steps, torch.get_num_threads())
     with open(args.json, "w") as f:
         json.dump(results, f, indent=2)
