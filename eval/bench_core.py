@@ -50,9 +50,9 @@ from typing import Any
 
 import torch
 
-RUNTIME = """Runtime of the default run (the shared 2-core CPU, --threads 1; docs/benchmarks.md): about 8 min
-on a quiet machine (492 s: part (a) ~200 s, training the quickstart pipeline 197 s, part (b) ~90 s),
-about 15 min when other jobs share the cores (888 s). --pipeline skips the training; --quick takes seconds."""
+RUNTIME = """Runtime of the default run (the shared 2-core CPU, --threads 1; docs/benchmarks.md): about 10 min
+on a quiet machine (part (a), 9 pairs, ~5.5 min; training the quickstart pipeline ~3.3 min; part (b) ~1.5 min),
+about twice that when other jobs share the cores. --pipeline skips the training; --quick takes seconds."""
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "quickstart.yaml"
 SECOND_ORDER = ("midpoint", "heun", "multistep")
@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default 300; quick 20)")
     p.add_argument("--window", type=int, default=None, help="train.log_every = timing window (default 50; quick 10)")
     p.add_argument("--warmup-windows", type=int, default=1, help="windows dropped as warm-up (default 1)")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved bare/flowlab pairs (default 5; quick 2)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved bare/flowlab pairs (default 9: single pairs spread by several percent at 2 threads; quick 2)")
     p.add_argument("--max-background", type=float, default=None,
                    help="a pair is 'contended' when other processes used more CPU cores than this (from /proc/stat) while "
                         "it ran; contended pairs are reported but replaced (default 0.3; quick: no limit)")
@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     q = args.quick
     args.steps = args.steps if args.steps is not None else (20 if q else 300)
     args.window = args.window if args.window is not None else (10 if q else 50)
-    args.repeats = args.repeats if args.repeats is not None else (2 if q else 5)
+    args.repeats = args.repeats if args.repeats is not None else (2 if q else 9)
     if args.max_background is None:
         args.max_background = float("inf") if q else 0.3
     args.max_pairs = max(args.max_pairs if args.max_pairs is not None else 2 * args.repeats, args.repeats)

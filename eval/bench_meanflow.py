@@ -20,7 +20,8 @@ Each run's wall and CPU seconds are recorded, so the match can be checked.
 **Scores.** Standard model: Euler at 32 NFE (the reference), and Euler-1/2 and multistep-2 (what the
 standard model gives at MeanFlow's budget). MeanFlow model: ``solver="meanflow"`` at 1 and 2 NFE
 through ``FlowPipeline`` (saved and re-loaded with ``from_pretrained``), and Euler-32 of its
-instantaneous velocity ``u(x, t, t)``. Targets: MeanFlow 2-NFE FD <= standard Euler-32 FD, and
+instantaneous velocity ``u(x, t, t)``; 2-NFE MeanFlow is scored on the pipeline's own grid (its config's
+``sample.shift``) and on the uniform one. Targets: MeanFlow 2-NFE FD <= standard Euler-32 FD, and
 1-NFE FD <= 1.5 x standard Euler-32 FD, per seed and on the mean over seeds.
 """
 from __future__ import annotations
@@ -38,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 RUNTIME = """Runtime (the shared 2-core CPU, OMP_NUM_THREADS=1): the default (3 seeds) trains the quickstart and the
-MeanFlow model per seed, about 15 min of CPU in all on a quiet machine (seed 0 alone took 151 + 145 CPU-s of
-training; 20-36 min of wall time per run at a load average of 15-20)."""
+MeanFlow model per seed, about 15 min of CPU in all on a quiet machine (143-154 CPU-s per standard run,
+136-139 per MeanFlow run; 12-15 min of wall time per run at a load average of 10-13)."""
 
 import torch
 
@@ -181,21 +182,27 @@ def _timing(run: dict[str, Any]) -> str:
     return f"{run['wall_seconds']:.0f} s wall / {run['cpu_seconds']:.0f} s CPU"
 
 
-def score(args, pipeline: str, cells: list[tuple[str, int]], evaluator, latents, labels) -> dict[str, dict[str, Any]]:
+def score(args, pipeline: str, cells: list[tuple[str, int, float | None]], evaluator, latents, labels) -> dict[str, dict[str, Any]]:
+    """FD of each ``(solver, nfe, shift)`` cell; ``shift=None`` is the saved pipeline's own time grid (its
+    scheduler's ``shift``, what a user of the pipeline gets), keyed ``solver-nfe``; others ``solver-nfe-shiftS``."""
     from flowlab import FlowPipeline
 
     sample_fd = _bench_core().sample_fd
     pipe = FlowPipeline.from_pretrained(pipeline)
     pipe.set_progress_bar_config(disable=True)
     out = {}
-    for solver, nfe in cells:
-        row, _ = sample_fd(pipe, evaluator, latents, labels, solver, nfe, None, 500)
-        out[f"{solver}-{nfe}"] = {k: row[k] for k in ("solver", "steps", "nfe", "fd", "confidence", "num_nonfinite", "seconds")}
+    for solver, nfe, shift in cells:
+        row, _ = sample_fd(pipe, evaluator, latents, labels, solver, nfe, shift, 500)
+        row["shift"] = pipe.scheduler.config.shift if shift is None else shift  # the grid actually used
+        key = f"{solver}-{nfe}" if shift is None else f"{solver}-{nfe}-shift{shift:g}"
+        out[key] = {k: row[k] for k in ("solver", "steps", "shift", "nfe", "fd", "confidence", "num_nonfinite", "seconds")}
     return out
 
 
-STANDARD_CELLS = [("euler", 32), ("euler", 1), ("euler", 2), ("multistep", 2)]
-MEANFLOW_CELLS = [("meanflow", 1), ("meanflow", 2), ("euler", 32)]
+STANDARD_CELLS = [("euler", 32, None), ("euler", 1, None), ("euler", 2, None), ("multistep", 2, None)]
+#: the pipeline's own grid at 1 and 2 NFE (the targets), 2 NFE on the uniform grid 0 -> 1/2 -> 1 for comparison,
+#: and Euler-32 of u(x, t, t) on the uniform grid (how good the model is as a plain velocity model)
+MEANFLOW_CELLS = [("meanflow", 1, None), ("meanflow", 2, None), ("meanflow", 2, 1.0), ("euler", 32, 1.0)]
 
 
 def _mean_sd(xs: list[float]) -> dict[str, float]:
@@ -250,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"seed {seed}: standard euler-32 FD {ref:.3f} | MeanFlow 1-NFE {row['meanflow_1nfe_fd']:.3f} "
             f"({row['meanflow_1nfe_fd'] / ref:.2f}x), 2-NFE {row['meanflow_2nfe_fd']:.3f} ({row['meanflow_2nfe_fd'] / ref:.2f}x) | "
             + ", ".join(f"standard {k} {v['fd']:.2f}" for k, v in std["fd"].items() if k != "euler-32")
-            + f", MeanFlow euler-32 {mf['fd']['euler-32']['fd']:.2f}",
+            + f", MeanFlow 2-NFE uniform grid {mf['fd']['meanflow-2-shift1']['fd']:.2f}, euler-32 {mf['fd']['euler-32-shift1']['fd']:.2f}",
             flush=True,
         )
     summary = {

@@ -14,7 +14,10 @@ Reported per method (mean and spread over seeds): rollout reward against rollout
 training wall time (rollouts + rewards + updates; evaluation excluded), rollouts and seconds to reach
 a smoothed reward of ``--threshold``, whether it stays there to the end, and the quality guards of
 the final (EMA) model. The base's guards are those of its own conditional samples of the target
-class (what the base can already draw).
+class (what the base can already draw). The reward-hacking bar (``hacking_bar`` in the JSON, per method
+and per seed) reads the FD in the feature space of an independent judge classifier (not the reward
+model; ``flowlab.nft.quality``): final judge FD <= ``--fd-multiple`` x the base's, with eval reward >=
+``--threshold``, on every seed.
 
     python eval/bench_nft.py --json runs/bench_nft.json
 """
@@ -87,7 +90,7 @@ def run_one(method: str, base: str, lr: float, seed: int, steps: int, args, work
     return {
         "lr": lr, "seed": seed, **reward_curve(recs, cfg.train.batch_size * cfg.rl.group_size, args),
         "fd": final["eval/fd_target"], "diversity": final["eval/diversity"], "eval_reward": final["eval/reward"],
-        "wall_s": total,
+        "fd_judge": final["eval/fd_judge"], "wall_s": total,
     }
 
 
@@ -102,11 +105,28 @@ def base_guards(base: str, target: int, n: int) -> dict:
     g = torch.Generator().manual_seed(0)
     x = pipe(batch_size=n, class_labels=target, generator=g, output_type="pt", solver="multistep", num_inference_steps=20).images
     q = digits_quality(x, target)
-    return {"fd": q["fd_target"], "diversity": q["diversity"], "diversity_real": q["diversity_real"]}
+    return {"fd": q["fd_target"], "fd_judge": q["fd_judge"], "diversity": q["diversity"], "diversity_real": q["diversity_real"]}
 
 
 def passes(run: dict, base: dict, args) -> bool:
     return run["fd"] <= args.fd_multiple * base["fd"] and run["diversity"] >= args.div_fraction * base["diversity"]
+
+
+def hacking_check(results: dict, method: str, base: dict, args) -> dict:
+    """The reward-hacking bar of one method (:func:`flowlab.nft.quality.hacking_bar`), per seed and
+    overall: the final (EMA) samples' FD to the real target-class digits in the independent judge's
+    feature space <= ``--fd-multiple`` x the base's own class-conditional samples', with eval reward
+    >= ``--threshold``. The method passes when every seed does."""
+    from flowlab.nft.quality import hacking_bar
+
+    runs = results[method]["runs"]
+    per_seed = [hacking_bar(r["fd_judge"], base["fd_judge"], r["eval_reward"], args.fd_multiple, args.threshold) for r in runs]
+    for r, bar in zip(runs, per_seed):
+        r["hacking_bar"] = bar
+    mean = hacking_bar(statistics.mean(r["fd_judge"] for r in runs), base["fd_judge"],
+                       statistics.mean(r["eval_reward"] for r in runs), args.fd_multiple, args.threshold)
+    return {**mean, "passes": all(b["passes"] for b in per_seed), "seeds_passing": sum(b["passes"] for b in per_seed),
+            "num_seeds": len(per_seed)}
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -125,7 +145,7 @@ def summarize(runs: list[dict]) -> dict:
         "seconds": [statistics.mean(r["seconds"][i] for r in runs) for i in range(n)],
         "stays_above": all(r["stays_above"] for r in runs), "reached": all(r["rollouts_to_threshold"] is not None for r in runs),
     }
-    for key in ("rollouts_to_threshold", "seconds_to_threshold", "fd", "diversity", "eval_reward", "last_quarter_reward", "min_after_reach"):
+    for key in ("rollouts_to_threshold", "seconds_to_threshold", "fd", "fd_judge", "diversity", "eval_reward", "last_quarter_reward", "min_after_reach"):
         m, s = stat(key)
         out[key], out[key + "_std"] = m, s
         vals = [r[key] for r in runs if r[key] is not None]
@@ -204,7 +224,8 @@ def main(argv=None) -> int:
     if workdir is None:
         return 2
     base = base_guards(args.base, args.target, args.eval_samples)
-    print(f"base (conditional class {args.target}): fd {base['fd']:.2f}, diversity {base['diversity']:.3f} (real {base['diversity_real']:.3f})")
+    print(f"base (conditional class {args.target}): fd {base['fd']:.2f}, judge fd {base['fd_judge']:.2f}, "
+          f"diversity {base['diversity']:.3f} (real {base['diversity_real']:.3f})")
     results: dict = {"base": base, "config": vars(args)}
     for method in args.methods:
         from flowlab.recipes import load_config
@@ -219,14 +240,16 @@ def main(argv=None) -> int:
             grid.append(r)
             print(f"{method} lr {lr:g} seed {args.seeds[0]}: last-quarter reward {r['last_quarter_reward']:.3f}, "
                   f"to {args.threshold}: {r['rollouts_to_threshold']} rollouts, stays {r['stays_above']}, "
-                  f"fd {r['fd']:.1f}, diversity {r['diversity']:.3f}, guards {'ok' if r['passes_guards'] else 'FAIL'}, {r['wall_s']:.0f}s")
+                  f"fd {r['fd']:.1f}, judge fd {r['fd_judge']:.1f}, diversity {r['diversity']:.3f}, "
+                  f"guards {'ok' if r['passes_guards'] else 'FAIL'}, {r['wall_s']:.0f}s")
         best = best_rate(grid)
         runs = [best] + [run_one(method, args.base, best["lr"], s, steps, args, workdir) for s in args.seeds[1:]]
         for r in runs[1:]:
             print(f"{method} lr {best['lr']:g} seed {r['seed']}: to {args.threshold}: {r['rollouts_to_threshold']} rollouts, "
-                  f"stays {r['stays_above']}, fd {r['fd']:.1f}, diversity {r['diversity']:.3f}")
+                  f"stays {r['stays_above']}, fd {r['fd']:.1f}, judge fd {r['fd_judge']:.1f}, diversity {r['diversity']:.3f}")
         results[method] = summarize(runs)
-        results[method]["lr_grid"] = [{k: g[k] for k in ("lr", "last_quarter_reward", "rollouts_to_threshold", "fd", "diversity", "passes_guards")} for g in grid]
+        results[method]["lr_grid"] = [{k: g[k] for k in ("lr", "last_quarter_reward", "rollouts_to_threshold", "fd", "fd_judge", "diversity", "passes_guards")} for g in grid]
+        results[method]["hacking_bar"] = hacking_check(results, method, base, args)
     add_ratios(results)
     print("\nmedian (mean ± sd) over seeds")
     print("method     lr      to-0.9 rollouts     to-0.9 seconds    stays  last-quarter  fd (base %.1f)  diversity (base %.2f)" % (base["fd"], base["diversity"]))
@@ -238,6 +261,12 @@ def main(argv=None) -> int:
 
         print(f"{m:9s} {s['lr']:<7g} {fmt('rollouts_to_threshold'):>18s} {fmt('seconds_to_threshold', '%.1f'):>16s}   {str(s['stays_above']):5s}  "
               f"{s['last_quarter_reward']:.3f}         {s['fd']:.1f} ± {s['fd_std']:.1f}     {s['diversity']:.3f} ± {s['diversity_std']:.3f}")
+    print(f"reward-hacking bar: judge FD <= {args.fd_multiple:g} x the base's class-{args.target} samples' ({base['fd_judge']:.2f}) "
+          f"and eval reward >= {args.threshold:g}, every seed")
+    for m in args.methods:
+        b = results[m]["hacking_bar"]
+        print(f"{m:9s} judge fd {b['fd_judge']:.2f} ({b['fd_ratio']:.2f}x base), eval reward {b['reward']:.3f}: "
+              f"{'PASS' if b['passes'] else 'FAIL'} ({b['seeds_passing']}/{b['num_seeds']} seeds)")
     if "rollout_ratio" in results:
         print(f"FlowGRPO / NFT to reach {args.threshold}: rollouts x{results['rollout_ratio'] or float('nan'):.2f}, "
               f"wall time x{results['time_ratio'] or float('nan'):.2f}")

@@ -218,10 +218,9 @@ def test_tiny_end_to_end_both_models_and_eval_json(tmp_path):
     assert res["models"]["jepa_memory"]["facts"]["attr"] == pytest.approx(metrics["attr"])
 
 
-def test_concept_regression_loss_is_one_minus_cosine_and_reaches_the_tail_concept(tmp_path):
-    """The regression term equals mean(1 - cos(P(c_h, c_r), c_t)) and, with no stop-gradient, moves the
-    tail's memory slot as well as the predictor."""
-    from flowlab.jepa.chain import concept_regression_loss
+def _tiny_jepa_and_problem_facts(tmp_path, n: int = 8):
+    """An untrained JEPA + memory built by the recipe from the tiny chain config, and the heads, relations and
+    tails ``(n,)`` of its first ``n`` problem facts."""
     from flowlab.jepa.recipe import ReversalJEPARecipe
     from flowlab.recipes import load_config
 
@@ -229,8 +228,16 @@ def test_concept_regression_loss_is_one_minus_cosine_and_reaches_the_tail_concep
     recipe = ReversalJEPARecipe(cfg)
     torch.manual_seed(0)
     model = recipe.build_model(recipe.build_dataset())
-    f = recipe.data.facts_tensor("problem")[:8]
-    h, r, t = f[:, 0], f[:, 1], f[:, 2]
+    f = recipe.data.facts_tensor("problem")[:n]
+    return model, (f[:, 0], f[:, 1], f[:, 2])
+
+
+def test_concept_regression_loss_is_one_minus_cosine_and_reaches_the_tail_concept(tmp_path):
+    """The regression term equals mean(1 - cos(P(c_h, c_r), c_t)) and, with no stop-gradient, moves the
+    tail's memory slot as well as the predictor."""
+    from flowlab.jepa.chain import concept_regression_loss
+
+    model, (h, r, t) = _tiny_jepa_and_problem_facts(tmp_path)
     loss = concept_regression_loss(model, h, r, t)
     p = model.predict(model.entity_concepts(h), model.relation_concepts(r))
     c = model.entity_concepts(t)
@@ -241,3 +248,37 @@ def test_concept_regression_loss_is_one_minus_cosine_and_reaches_the_tail_concep
     only_tails = [int(e) for e in t.unique() if e not in set(h.tolist())]
     assert only_tails and all(slot_grad[e].abs().sum() > 0 for e in only_tails)
     assert any(q.grad is not None and q.grad.abs().sum() > 0 for q in model.predictor.parameters())
+
+
+def test_concept_regression_without_predictor_grad_moves_only_concepts(tmp_path):
+    """``predictor_grad=False``: the same value, no gradient into the predictor or its output norm, but the
+    tail's and the head's memory slots still get one; requires_grad is restored afterwards."""
+    from flowlab.jepa.chain import concept_regression_loss
+
+    model, (h, r, t) = _tiny_jepa_and_problem_facts(tmp_path)
+    with_grad = concept_regression_loss(model, h, r, t)
+    loss = concept_regression_loss(model, h, r, t, predictor_grad=False)
+    assert torch.allclose(loss, with_grad)
+    loss.backward()
+    frozen = [*model.predictor.parameters(), *model.output_norm.parameters()]
+    assert all(p.grad is None for p in frozen) and all(p.requires_grad for p in frozen)
+    slot_grad = model.memory.values.grad
+    assert all(slot_grad[int(e)].abs().sum() > 0 for e in t.unique())
+    assert all(slot_grad[int(e)].abs().sum() > 0 for e in h.unique())
+
+
+def test_eval_summary_is_mean_and_sample_std_over_seeds():
+    """``summarize`` over single-seed results: per-seed values kept, mean and sample standard deviation."""
+    mod = _eval_script()
+
+    def result(seed, solved, hop1):
+        return {"protocol": {"seed": seed}, "models": {"jepa_memory": {
+            "by_branching_factor": {"2": {"roots_solved": solved, "roots_total": 10}},
+            "by_hops": {"1": {"accuracy": hop1}}, "queries": hop1, "facts": {"attr": 1.0},
+            "train_cpu_seconds": 100.0 + seed}}}
+
+    s = mod.summarize([result(0, 1, 0.5), result(1, 2, 0.7), result(2, 6, 0.9)])["jepa_memory"]
+    assert s["roots_solved"]["2"]["values"] == [1, 2, 6] and s["roots_solved"]["2"]["mean"] == pytest.approx(3.0)
+    assert s["roots_solved"]["2"]["std"] == pytest.approx(((4 + 1 + 9) / 2) ** 0.5)
+    assert s["by_hops"]["1"]["mean"] == pytest.approx(0.7) and s["by_hops"]["1"]["std"] == pytest.approx(0.2)
+    assert s["roots_total"] == {"2": 10} and s["train_cpu_seconds"]["mean"] == pytest.approx(101.0)

@@ -3,6 +3,9 @@
 Checked twice: by the modules a fresh interpreter has loaded after importing the engine, and by an
 AST scan of every import statement and every string that names a flowlab module (what importlib
 would be given) in the lower layers.
+
+The model families (``families/``) sit under both of their users, RL (``nft/``) and WGF (``wgf/``):
+they take their maths from the core (``flow/``) and name neither user.
 """
 import ast
 import os
@@ -23,6 +26,7 @@ ALLOWED = {
     "models": BOTTOM | {"flow", "models"},
     "data": BOTTOM | {"flow", "models", "data"},
     "train": BOTTOM | {"flow", "models", "data", "train"},
+    "families": BOTTOM | {"flow", "models", "pipelines", "families"},
 }
 RECIPE_PACKAGES = ("flowlab.nft", "flowlab.noprop", "flowlab.jepa", "flowlab.recipes")
 
@@ -83,6 +87,34 @@ def test_the_scan_sees_imports_and_importlib_strings(tmp_path):
                  '"""docs mention flowlab.recipes in prose"""\n')
     names = {name for _, name in _flowlab_names(f, "flowlab.train.m")}
     assert names == {"flowlab.nft", "flowlab.hub", "flowlab.jepa.recipe"}
+
+
+def test_the_families_and_the_core_load_no_wgf_or_rl_module():
+    """Importing every family adapter (and the core) in a fresh interpreter loads nothing of ``wgf/`` or ``nft/``:
+    the discrete-schedule path and the v -> epsilon conversion they use live in ``flow/``."""
+    code = (
+        "import sys, flowlab.flow, flowlab.families\n"
+        "from flowlab.families import FAMILIES\n"
+        "import importlib\n"
+        "for module, _ in FAMILIES.values():\n"
+        "    importlib.import_module(module, 'flowlab.families')\n"
+        "assert {'flowlab.families.sd3', 'flowlab.families.flux', 'flowlab.families.unet'} <= set(sys.modules)\n"
+        "bad = sorted(m for m in sys.modules if m.startswith(('flowlab.wgf', 'flowlab.nft')))\n"
+        "assert not bad, bad\n"
+    )
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_moved_core_names_are_the_same_objects_at_their_old_paths():
+    """``wgf.schedule`` / ``wgf.flow`` re-export what moved to ``flow.discrete`` (old imports keep working)."""
+    from flowlab.flow import discrete
+    from flowlab.wgf import flow as wgf_flow, schedule
+
+    assert schedule.DiscreteSchedulePath is discrete.DiscreteSchedulePath
+    assert schedule.t_to_diffusers_timestep is discrete.t_to_diffusers_timestep
+    assert wgf_flow.diffusers_v_to_epsilon is discrete.diffusers_v_to_epsilon
+    assert wgf_flow.DIFFUSERS_PREDICTION_TYPES is discrete.DIFFUSERS_PREDICTION_TYPES
 
 
 def _python(code: str) -> subprocess.CompletedProcess:

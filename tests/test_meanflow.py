@@ -9,6 +9,7 @@ import torch
 
 from conftest import tiny_overrides
 from flowlab.flow import FlowMatchingLoss, LinearPath, LogitNormalTimeSampler, MeanFlowLoss, guided_field, meanflow_target, sample, sample_time_pairs
+from flowlab.flow.meanflow import meanflow_prediction_and_target
 from flowlab.models import MLPVelocity
 from flowlab.pipelines import FlowPipeline, FlowScheduler
 from flowlab.errors import ConfigError
@@ -76,6 +77,98 @@ def test_time_pairs_are_sorted_with_the_requested_share_of_distinct_pairs():
     assert pairs.shape == (20000, 2) and bool((t <= r).all()) and bool((t > 0).all()) and bool((r < 1).all())
     assert abs((r != t).float().mean().item() - 0.25) < 0.015
     assert torch.equal(sample_time_pairs(LogitNormalTimeSampler(), 8, 0.0, torch.Generator().manual_seed(0)).diff(dim=1), torch.zeros(8, 1))
+
+
+def _full_jvp_loss(model, x1, x0, t, r, labels, p=1.0, c=1e-3):
+    """The loss as computed before the row split: one JVP over the whole batch."""
+    s = LinearPath().sample(x0, x1, t)
+    u, u_tgt = meanflow_target(lambda x, tt, rr: model(x, tt, labels, r=rr), s.x_t, s.t, r, s.dx_t)
+    sq = (u - u_tgt).pow(2).flatten(1).mean(1)
+    return ((sq.detach() + c).pow(-p) * sq).mean()
+
+
+@pytest.mark.parametrize("distinct_fraction", [0.0, 0.25, 0.75, 1.0])
+def test_jvp_on_distinct_rows_only_gives_the_full_batch_loss_and_gradients(distinct_fraction):
+    torch.manual_seed(0)
+    model = _randomize(MLPVelocity(sample_shape=(1, 4, 4), hidden_dim=24, depth=2, time_embed_dim=8, num_classes=3, mean_flow=True))
+    g = torch.Generator().manual_seed(1)
+    n = 40
+    x1, x0 = torch.randn(n, 1, 4, 4, generator=g), torch.randn(n, 1, 4, 4, generator=g)
+    labels = torch.randint(0, 4, (n,), generator=g)
+    t, r = sample_time_pairs(LogitNormalTimeSampler(0.4, 1.0), n, distinct_fraction, g).unbind(1)
+    n_distinct = int((r != t).sum())
+    assert (n_distinct == 0) == (distinct_fraction == 0.0) and (n_distinct == n) == (distinct_fraction == 1.0)
+    split = MeanFlowLoss()(lambda x, tt, rr, y: model(x, tt, y, r=rr), x1, x_0=x0, t=t, r=r, conditioning=(labels,))
+    full = _full_jvp_loss(model, x1, x0, t, r, labels)
+    assert torch.allclose(split.loss, full, rtol=1e-5, atol=1e-7), (split.loss.item(), full.item())
+    g_split = torch.autograd.grad(split.loss, list(model.parameters()), allow_unused=True)
+    g_full = torch.autograd.grad(full, list(model.parameters()), allow_unused=True)
+    for a, b in zip(g_split, g_full):
+        if a is None or b is None:  # the interval embedding is unused when every r = t
+            assert distinct_fraction == 0.0 or (a is None and b is None)
+            continue
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
+    # rows keep their batch order: per-sample values match a direct evaluation
+    s = LinearPath().sample(x0, x1, t)
+    u, u_tgt = meanflow_prediction_and_target(lambda x, tt, rr, y: model(x, tt, y, r=rr), s.x_t, s.t, r, s.dx_t, (labels,))
+    u_ref, tgt_ref = meanflow_target(lambda x, tt, rr: model(x, tt, labels, r=rr), s.x_t, s.t, r, s.dx_t)
+    assert torch.allclose(u, u_ref, atol=1e-5) and torch.allclose(u_tgt, tgt_ref, atol=1e-5)
+    assert not u_tgt.requires_grad and u.requires_grad
+
+
+def test_row_split_passes_none_conditioning_through():
+    torch.manual_seed(0)
+    model = _randomize(MLPVelocity(sample_shape=(3,), hidden_dim=16, depth=1, time_embed_dim=8, mean_flow=True))
+    x1, x0 = torch.randn(10, 3), torch.randn(10, 3)
+    t = torch.rand(10) * 0.5
+    r = torch.where(torch.arange(10) % 3 == 0, t + 0.3, t)
+    seen = []
+
+    def u_fn(x, tt, rr, y):
+        seen.append((x.shape[0], y))
+        return model(x, tt, y, r=rr)
+
+    out = MeanFlowLoss()(u_fn, x1, x_0=x0, t=t, r=r, conditioning=(None,))
+    assert sorted(k for k, _ in seen) == [4, 6] and all(y is None for _, y in seen)  # one forward, one JVP
+    assert torch.allclose(out.loss, _full_jvp_loss(model, x1, x0, t, r, None), rtol=1e-5)
+
+
+def _reference_v1_pairs(n, g, ratio, mean_t=-0.6, std_t=1.6, mean_r=-4.0, std_r=1.6):
+    """The authors' ``sample_two_timesteps_t_r_v1`` (py-meanflow ``meanflow/models/time_sampler.py``), on their time:
+    noise at 1, r <= t."""
+    t = torch.sigmoid(torch.randn(n, generator=g) * std_t + mean_t)
+    r = torch.sigmoid(torch.randn(n, generator=g) * std_r + mean_r)
+    r = torch.where(torch.rand(n, generator=g) < 1 - ratio, t, r)
+    return t, torch.minimum(t, r)
+
+
+def test_separate_r_sampler_is_the_reference_v1_sampler_in_flowlab_time():
+    n = 200_000
+    pairs = sample_time_pairs(LogitNormalTimeSampler(0.6, 1.6), n, 0.75, torch.Generator().manual_seed(0), LogitNormalTimeSampler(4.0, 1.6))
+    t, r = pairs.unbind(1)
+    assert bool((t <= r).all())
+    t_ref, r_ref = _reference_v1_pairs(n, torch.Generator().manual_seed(1), 0.75)
+    q = torch.linspace(0.02, 0.98, 25)
+    # flowlab time is 1 - the reference's: same law for (1 - t_ref, 1 - r_ref) as for (t, r)
+    assert torch.allclose(torch.quantile(t, q), torch.quantile(1 - t_ref, q), atol=0.01)
+    assert torch.allclose(torch.quantile(r, q), torch.quantile(1 - r_ref, q), atol=0.01)
+    assert abs((r != t).float().mean().item() - (r_ref != t_ref).float().mean().item()) < 0.01
+    gap = r - t
+    assert torch.allclose(torch.quantile(gap, q), torch.quantile(t_ref - r_ref, q), atol=0.01)
+    # the sign matters: without the conversion r would sit near noise
+    assert r.median() > 0.9 and t.median() > 0.6
+    # same generator order as the sorted sampler: t is exactly the first draw of the t sampler
+    assert torch.equal(t, LogitNormalTimeSampler(0.6, 1.6).sample(n, torch.Generator().manual_seed(0)))
+
+
+def test_recipe_builds_the_separate_r_sampler(tmp_path):
+    cfg = load_config(None, tiny_overrides(tmp_path / "a", "recipe=meanflow", "meanflow.time_pairs=separate", "meanflow.r_logit_mean=2.0"))
+    loss = get_recipe(cfg).mean_flow_loss
+    assert isinstance(loss.r_time_sampler, LogitNormalTimeSampler) and (loss.r_time_sampler.mean, loss.r_time_sampler.std) == (2.0, 1.6)
+    cfg = load_config(None, tiny_overrides(tmp_path / "b", "recipe=meanflow"))
+    assert get_recipe(cfg).mean_flow_loss.r_time_sampler is None
+    with pytest.raises(ConfigError, match="meanflow.time_pairs"):
+        load_config(None, tiny_overrides(tmp_path / "c", "recipe=meanflow", "meanflow.time_pairs=v1"))
 
 
 def test_loss_reduces_to_flow_matching_when_r_equals_t():

@@ -347,8 +347,15 @@ def test_bench_nft_writes_the_promised_json(tiny_base, tmp_path):
         assert res[m]["rollouts"] == [8, 16] and len(res[m]["reward"]) == 2
         assert res[m]["seeds"] == [0, 1] and res[m]["lr"] == 1e-4
         assert all(k in res[m] for k in ("fd", "diversity", "rollouts_to_threshold", "seconds"))
-    assert set(res["base"]) >= {"fd", "diversity"}
+    assert set(res["base"]) >= {"fd", "fd_judge", "diversity"}
     assert "rollout_ratio" in res and "time_ratio" in res
+    for m in ("nft", "flowgrpo"):  # the reward-hacking bar, per method and per seed, in the judge's feature space
+        bar = res[m]["hacking_bar"]
+        assert bar["base_fd_judge"] == res["base"]["fd_judge"] and bar["num_seeds"] == 2
+        per_seed = [r["hacking_bar"] for r in res[m]["runs"]]
+        assert [b["fd_judge"] for b in per_seed] == [r["fd_judge"] for r in res[m]["runs"]]
+        assert bar["passes"] == all(b["passes"] for b in per_seed)
+        assert all(b["passes"] == (b["fd_judge"] <= 3.0 * b["base_fd_judge"] and b["reward"] >= 0.9) for b in per_seed)
 
 
 @pytest.mark.slow

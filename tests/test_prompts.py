@@ -3,6 +3,7 @@ deterministic per-step sampler."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -156,3 +157,21 @@ def test_sampler_covers_the_set_uniformly():
 def test_sampler_rejects_more_prompts_per_step_than_the_set_has():
     with pytest.raises(DataError, match=r"has 4 prompts but each step draws 6 distinct"):
         PromptSampler(4, 6)
+
+
+def test_shipped_geneval_train_sample_is_geneval_metadata_disjoint_from_the_test_set():
+    """The GenEval config's training sample carries the metadata the GenEval server scores with, in
+    the reference test set's format, and no prompt of the held-out set (no training on the test)."""
+    root = os.path.join(os.path.dirname(__file__), "..", "data", "prompts")
+    train = load_prompts(os.path.join(root, "geneval_train_metadata.jsonl"))
+    test = load_prompts(os.path.join(root, "geneval_test_metadata.jsonl"))
+    assert len(train.prompts) >= 20 and not set(train.prompts) & set(test.prompts)
+    test_classes = {i["class"] for m in test.metadata for i in m["include"]}
+    for prompt, meta in zip(train.prompts, train.metadata):
+        assert meta["tag"] in {"single_object", "two_object", "counting", "colors", "position", "color_attr"}, prompt
+        assert meta["include"] and all(i["class"] in test_classes and i["count"] >= 1 for i in meta["include"]), prompt
+        if meta["tag"] == "counting":  # GenEval's rule: exactly N, so N + 1 is excluded
+            assert meta["exclude"] == [{"class": meta["include"][0]["class"], "count": meta["include"][0]["count"] + 1}]
+        if meta["tag"] == "position":  # the second object is placed relative to the first
+            assert meta["include"][1]["position"][1] == 0
+            assert meta["include"][0]["class"] in prompt.split(meta["include"][1]["position"][0])[1]

@@ -8,7 +8,8 @@
 * memory: ``rl.micro_batch`` parts give the single-batch gradient, and the activations saved per part
   grow with the micro-batch, not with the global batch;
 * prompt data: JSONL metadata reaches the rewards, a held-out set is evaluated; prompt embeddings cache;
-* every shipped SD3.5 config runs two steps with tiny components through overrides.
+* every shipped SD3.5 config runs two steps with tiny components through overrides;
+* SD3 on the family adapter: one step of each recipe gives the numbers of the policy before the move.
 """
 import glob
 import json
@@ -323,3 +324,45 @@ def test_sd35_config_runs_two_steps_with_tiny_components(name, tiny, tmp_path):
     if n_rewards > 1:
         assert any("eval/reward/jpeg_incompressibility" in x for x in rec)
     assert (out / "pipeline" / "pytorch_lora_weights.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------- the numbers before the move
+
+#: ``(rollout sum, rollout |x| sum, loss, gradient norm, backward parts)`` of one step of each recipe on the
+#: tiny SD3 pipeline, recorded from ``flowlab.nft.sd3.SD3Policy`` as it was before SD3 moved onto
+#: :class:`flowlab.families.SD3Adapter` (commit ecff50b), with the seeds below; the adapter reproduced them
+#: to the last digit on this machine (the tolerance leaves room for other BLAS builds).
+BEFORE_THE_MOVE = {
+    "nft": (-749.0840301727294, 5782.517058300495, 4.855621814727783, 0.390499202722485, 1),
+    "flowgrpo": (-1004.6970092652773, 5303.805355114717, 0.0002659758029039949, 0.020525256434700243, 4),
+    "nft_full": (-749.0840301727294, 5782.517058300495, 4.813236713409424, 0.09353100667502075, 1),
+}
+BEFORE_THE_MOVE_OVERRIDES = {"nft": ("nft.kl_coef=1e-2",), "flowgrpo": ("rl.guidance_scale=2.0", "grpo.kl_coef=0.01"),
+                             "nft_full": ("rl.lora_rank=0", "nft.kl_coef=1e-2")}
+
+
+@pytest.mark.parametrize("case", sorted(BEFORE_THE_MOVE))
+def test_sd3_rollouts_losses_and_gradients_are_the_numbers_before_the_move(tiny, case):
+    from flowlab.families import SD3Adapter
+
+    r = _recipe(tiny, case.split("_")[0], *BEFORE_THE_MOVE_OVERRIDES[case])
+    policy = r.policy
+    assert type(policy) is SD3Policy and isinstance(policy.adapter, SD3Adapter)
+    if policy.lora is not None:  # the trained adapter only (the rollouts' old adapter stays the base)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in policy.transformer.named_parameters():
+                if ".default." in name and "lora_B" in name:
+                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    batch = {"index": torch.tensor([0, 1])}
+    ro = r.rollout(policy, batch, _ctx())
+    torch.manual_seed(5)
+    losses = [part.loss for part in r.training_losses(policy, batch, _ctx())]
+    total = sum(losses)
+    total.backward()
+    grads = [p.grad.double() for p in policy.parameters() if p.requires_grad and p.grad is not None]
+    got = (float(ro.x.double().sum()), float(ro.x.double().abs().sum()), float(total.detach()),
+           float(torch.sqrt(sum((g**2).sum() for g in grads))), len(losses))
+    want = BEFORE_THE_MOVE[case]
+    assert got[4] == want[4]
+    assert got[:4] == pytest.approx(want[:4], rel=1e-5, abs=1e-9)

@@ -21,9 +21,15 @@ same tensor layout for every family.
 
 The network is a parameter of :meth:`predict` (default: the adapter's own), so an RL policy can
 evaluate its frozen ``old`` / ``ref`` copies through the same adapter.
+
+Copies share what never changes. ``copy.deepcopy(adapter)`` (and so the deep copy of an RL policy
+holding it: the trainer's EMA copy) copies the network only; the frozen text encoders and VAE
+(:attr:`FamilyAdapter.frozen_names`), the tokenizers and the prompt-embedding caches (functions of
+those frozen encoders) are the same objects in the copy. This is the one deep-copy rule of every family.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from abc import abstractmethod
 from collections import OrderedDict
@@ -33,8 +39,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..flow.guidance import combine_guidance
 from ..flow.parameterization import convert
 from ..flow.paths import AffinePath
+from ..flow.solvers import time_grid
 
 __all__ = ["FamilyAdapter", "JOINT_ATTENTION_LORA_TARGETS", "broadcast_conditioning", "resolve_dtype", "cast_module", "load_family_pipeline", "lora_state_and_config"]
 
@@ -50,8 +58,8 @@ class FamilyAdapter(nn.Module):
 
     Subclasses set :attr:`pipeline_class` (the diffusers pipeline of the family), :attr:`network_name`
     (its denoiser component: ``transformer`` or ``unet``), :attr:`default_lora_targets` and
-    :attr:`prediction_type`, hold the components as attributes named as in the pipeline, and implement
-    :meth:`_encode_unique`, :meth:`_forward`, :meth:`decode`, :attr:`sample_shape` and :attr:`path`.
+    :attr:`prediction_type`, hold the components as attributes named as in the pipeline (and ``resolution``,
+    ``vae_scale_factor``), and implement :meth:`_encode_unique`, :meth:`_forward`, :meth:`decode` and :attr:`path`.
 
     Args:
         negative_prompt: the unconditional prompt of classifier-free guidance.
@@ -64,6 +72,7 @@ class FamilyAdapter(nn.Module):
     default_lora_targets: list[str]
     prediction_type: str = "velocity"
     frozen_names: tuple[str, ...] = ()
+    tokenizer_names: tuple[str, ...] = ("tokenizer", "tokenizer_2", "tokenizer_3")
 
     def __init__(self, negative_prompt: str = "", cache_size: int = 256):
         super().__init__()
@@ -72,6 +81,7 @@ class FamilyAdapter(nn.Module):
         self.negative_prompt = negative_prompt
         self.cache_size = int(cache_size)
         self._cache: OrderedDict[tuple[str, str], Conditioning] = OrderedDict()  # (device, prompt) -> batch-1 conditioning
+        self._pinned: dict[str, Conditioning] = {}  # prompt -> batch-1 CPU conditioning (cache_prompt_embeddings)
 
     # ----------------------------------------------------------------- components
     @property
@@ -90,6 +100,22 @@ class FamilyAdapter(nn.Module):
             m.eval()
         return self
 
+    def shared_components(self) -> list[Any]:
+        """What a deep copy shares instead of copying: the frozen modules, the tokenizers and the
+        prompt-embedding caches (see the module docstring)."""
+        tokenizers = [tok for n in self.tokenizer_names if (tok := getattr(self, n, None)) is not None]
+        return [*self.frozen_modules().values(), *tokenizers, self._cache, self._pinned]
+
+    def __deepcopy__(self, memo: dict) -> "FamilyAdapter":
+        """A copy whose network is copied and whose :meth:`shared_components` are the same objects."""
+        for obj in self.shared_components():
+            memo[id(obj)] = obj
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
+
     @abstractmethod
     def pipeline(self, network: nn.Module | None = None):
         """The family's diffusers pipeline around these components (the same objects, not copies)."""
@@ -98,6 +124,14 @@ class FamilyAdapter(nn.Module):
     def device(self) -> torch.device:
         return next(self.network.parameters()).device
 
+    @property
+    def text_device(self) -> torch.device:
+        """Where the text encoders are (the CPU after :meth:`cache_prompt_embeddings` offloaded them)."""
+        for n, m in self.frozen_modules().items():
+            if n.startswith("text_encoder"):
+                return next(m.parameters()).device
+        return self.device
+
     # ----------------------------------------------------------------- conditioning
     @abstractmethod
     def _encode_unique(self, prompts: list[str]) -> Conditioning:
@@ -105,39 +139,74 @@ class FamilyAdapter(nn.Module):
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str | None]) -> Conditioning:
-        """Prompts (``None`` = the empty prompt) -> conditioning dict; a prompt in the cache (the last
-        ``cache_size`` used) is not encoded again.
+        """Prompts (``None`` = the empty prompt) -> conditioning dict on the network's device; a prompt in
+        the cache (the last ``cache_size`` used, or the set given to :meth:`cache_prompt_embeddings`) is
+        not encoded again.
 
         The cache keeps embeddings on the device they were computed on; a model moved to another
-        device re-encodes (the key includes the device).
+        device re-encodes (the key includes the device). Prompts of the pinned set are kept on the CPU
+        and moved to the device per call.
         """
         if isinstance(prompts, str):
             raise TypeError(f"prompts must be a list of strings, got the string {prompts!r}")
         texts = ["" if p is None else str(p) for p in prompts]
         if not texts:
             raise ValueError("prompts: give at least one prompt")
-        device = str(self.device)
+        device = self.device
         unique = list(dict.fromkeys(texts))
-        missing = [p for p in unique if (device, p) not in self._cache]
-        found = {p: self._cache[(device, p)] for p in unique if (device, p) in self._cache}
-        if missing:
-            enc = self._encode_unique(missing)
-            found.update({p: {k: v[i : i + 1] for k, v in enc.items()} for i, p in enumerate(missing)})
-        for p in unique:  # most recently used last; the oldest beyond cache_size are dropped
-            self._cache[(device, p)] = found[p]
-            self._cache.move_to_end((device, p))
+        found = {p: self._cache[(str(device), p)] for p in unique if p not in self._pinned and (str(device), p) in self._cache}
+        missing = [p for p in unique if p not in self._pinned and p not in found]
+        if missing and self._pinned:
+            self._pin(missing)  # with a pinned set, new prompts join it (on the CPU)
+        elif missing:
+            found.update(self._encode_rows(missing, device))
+        for p in unique:
+            if p in self._pinned:
+                found[p] = {k: v.to(device) for k, v in self._pinned[p].items()}
+            else:  # most recently used last; the oldest beyond cache_size are dropped
+                self._cache[(str(device), p)] = found[p]
+                self._cache.move_to_end((str(device), p))
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         rows = [found[p] for p in texts]
         return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+
+    def _encode_rows(self, prompts: list[str], device: torch.device, batch_size: int = 64) -> dict[str, Conditioning]:
+        """``prompt -> batch-1 conditioning`` on ``device``, encoded ``batch_size`` distinct prompts at a time."""
+        out: dict[str, Conditioning] = {}
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
+            enc = self._encode_unique(chunk)
+            out.update({p: {k: v[j : j + 1].to(device) for k, v in enc.items()} for j, p in enumerate(chunk)})
+        return out
+
+    def _pin(self, prompts: list[str], batch_size: int = 64) -> None:
+        self._pinned.update(self._encode_rows(prompts, torch.device("cpu"), batch_size))
+
+    @torch.no_grad()
+    def cache_prompt_embeddings(self, prompts: Sequence[str | None], offload: bool = True, batch_size: int = 64) -> int:
+        """Encode a fixed prompt set (and the negative prompt) once, keep the embeddings in CPU memory,
+        and with ``offload`` move the text encoders off the accelerator (to the CPU): later :meth:`encode`
+        calls of these prompts never run them. Returns the pinned embeddings' size in bytes.
+
+        A prompt outside the set is still encoded (by the offloaded encoders, on the CPU) and joins the set.
+        """
+        wanted = list(dict.fromkeys([self.negative_prompt, *["" if p is None else str(p) for p in prompts]]))
+        self._pin([p for p in wanted if p not in self._pinned], batch_size)
+        if offload:
+            for n, m in self.frozen_modules().items():
+                if n.startswith("text_encoder"):
+                    m.to("cpu")
+        return sum(v.numel() * v.element_size() for e in self._pinned.values() for v in e.values())
 
     def negative_embeddings(self) -> Conditioning:
         """The negative prompt's conditioning, batch 1 (cached like every prompt)."""
         return self.encode([self.negative_prompt])
 
     def clear_cache(self) -> None:
-        """Forget every cached prompt embedding (e.g. after fine-tuning a text encoder)."""
+        """Forget every cached prompt embedding, pinned ones included (e.g. after fine-tuning a text encoder)."""
         self._cache.clear()
+        self._pinned.clear()
 
     # ----------------------------------------------------------------- the field
     @property
@@ -151,9 +220,16 @@ class FamilyAdapter(nn.Module):
         return (0.0, 1.0)
 
     @property
-    @abstractmethod
     def sample_shape(self) -> tuple[int, ...]:
-        """Unpacked latent shape ``(C, h, w)`` of one sample."""
+        """Unpacked latent shape ``(C, h, w)`` of one sample: the network's input channels at
+        ``resolution / vae_scale_factor`` (a family that packs or pads latents overrides this)."""
+        side = self.resolution // self.vae_scale_factor
+        return (int(self.network.config.in_channels), side, side)
+
+    def check_latents(self, x: Tensor) -> None:
+        """Raise a ``ValueError`` unless ``x`` is ``(B, *sample_shape)`` (families whose network needs exactly that size)."""
+        if tuple(x.shape[1:]) != tuple(self.sample_shape):
+            raise ValueError(f"{type(self).__name__}: latents must have shape (B, {', '.join(map(str, self.sample_shape))}), got {tuple(x.shape)}")
 
     @property
     def guidance_default(self) -> float:
@@ -201,20 +277,45 @@ class FamilyAdapter(nn.Module):
             t = torch.full((x.shape[0],), float(t), device=x.device)
         return t.to(x.device).float().clamp(*self.t_range)
 
+    def _classifier_free_guidance(
+        self, evaluate, x: Tensor, t: Tensor, cond: Conditioning, guidance: float, detach_unconditional: bool = False
+    ) -> Tensor:
+        """``evaluate(x, t, cond)`` guided against the negative prompt: ``out_neg + w (out_cond - out_neg)``
+        (:func:`~flowlab.flow.guidance.combine_guidance`), both branches in one batched evaluation;
+        ``guidance == 1`` is the conditional evaluation alone. The combination is affine in the output, so
+        it is the same guided field whichever parameterisation ``evaluate`` returns."""
+        if guidance == 1.0:
+            return evaluate(x, t, cond)
+        neg = self.negative_embeddings()
+        both = {k: torch.cat([v, neg[k].to(device=v.device, dtype=v.dtype).expand(x.shape[0], *neg[k].shape[1:])]) for k, v in cond.items()}
+        out_cond, out_neg = evaluate(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return combine_guidance(out_cond, out_neg, guidance, detach_unconditional)
+
+    def time_grid(self, num_steps: int, shift: float = 1.0, device=None) -> Tensor:
+        """The sampler's ``num_steps + 1`` flowlab times from noise to data, float64: uniform then shifted
+        (:func:`flowlab.flow.solvers.time_grid`); a family whose pipeline samples on its scheduler's own
+        grid overrides this."""
+        return time_grid(num_steps, shift=shift, device=device)
+
     # ----------------------------------------------------------------- images and LoRA
     @abstractmethod
     def decode(self, x: Tensor, batch_size: int = 16) -> Tensor:
         """Latents ``(B, *sample_shape)`` -> images ``(B, 3, H, W)`` in [0, 1], as the family's pipeline decodes."""
 
     def _decode_vae(self, z: Tensor, batch_size: int) -> Tensor:
-        """``vae.decode`` of VAE-space latents ``z``, ``batch_size`` at a time, ``[-1, 1] -> [0, 1]``."""
+        """``vae.decode`` of VAE-space latents ``z``, ``batch_size`` at a time, ``[-1, 1] -> [0, 1]``, in the
+        VAE's own dtype (autocast off: a float32 VAE decodes in float32 under a bf16 training autocast)."""
         vae_dtype = next(self.vae.parameters()).dtype
         out = []
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
             for i in range(0, z.shape[0], batch_size):
                 img = self.vae.decode(z[i : i + batch_size].to(vae_dtype), return_dict=False)[0]
                 out.append(((img.float() + 1) / 2).clamp(0, 1))
         return torch.cat(out)
+
+    def settings(self) -> dict[str, Any]:
+        """What a trained artefact records about the adapter (``flowlab_*.json`` next to the weights)."""
+        return {"resolution": self.resolution, "guidance_scale": self.guidance_default}
 
     def save_lora(self, directory: str, network: nn.Module | None = None, adapter_name: str = "default") -> None:
         """Write the peft adapter ``adapter_name`` of ``network`` in the family's diffusers LoRA layout
@@ -291,8 +392,11 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     return _DTYPES.get(mp, torch.float32)
 
 
-def load_family_pipeline(pipeline_class: type, base: str, dtype: torch.dtype, key: str = "base", **components: Any):
+def load_family_pipeline(pipeline_class: type, base: str, dtype: torch.dtype | dict[str, torch.dtype], key: str = "base",
+                         **components: Any):
     """``pipeline_class.from_pretrained(base)`` with components the folder lists as absent passed as ``None``.
+
+    ``dtype`` is one dtype, or diffusers' per-component dict (``{"default": torch.bfloat16, "vae": torch.float32}``).
 
     Raises:
         ConfigError: naming ``key`` (the config key or argument that gave ``base``) when it cannot be loaded.

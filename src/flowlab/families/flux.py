@@ -167,10 +167,13 @@ class FluxAdapter(FamilyAdapter):
     def path(self) -> AffinePath:
         return LinearPath()
 
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "max_sequence_length": self.max_sequence_length}
+
     # ----------------------------------------------------------------- conditioning
     def _encode_unique(self, prompts: list[str]) -> Conditioning:
         pe, pooled, _ = self.pipeline().encode_prompt(
-            prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+            prompt=prompts, prompt_2=None, device=self.text_device, max_sequence_length=self.max_sequence_length
         )
         return {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}
 
@@ -185,8 +188,7 @@ class FluxAdapter(FamilyAdapter):
         return self.pipeline_class._unpack_latents(tokens, self.resolution, self.resolution, self.vae_scale_factor)
 
     def _forward(self, network: nn.Module, x: Tensor, t: Tensor, cond: Conditioning, guidance: float, detach_unconditional: bool = False) -> Tensor:
-        if tuple(x.shape[1:]) != self.sample_shape:
-            raise ValueError(f"FLUX latents must have shape (B, {', '.join(map(str, self.sample_shape))}), got {tuple(x.shape)}")
+        self.check_latents(x)
         if self.has_guidance_embedding:
             g = torch.full((x.shape[0],), guidance, device=x.device, dtype=torch.float32)
         elif guidance != 1.0:

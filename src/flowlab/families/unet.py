@@ -1,7 +1,7 @@
 """Epsilon / v-prediction text-to-image UNets (SD1.5, SD2.1, SDXL) through diffusers' ``UNet2DConditionModel``.
 
 Conventions. The UNet was trained on a discrete DDPM schedule ``abar_k`` (``k = 0 .. N-1``, noise
-growing with ``k``). flowlab reads it on :class:`~flowlab.wgf.schedule.DiscreteSchedulePath`, the
+growing with ``k``). flowlab reads it on :class:`~flowlab.flow.discrete.DiscreteSchedulePath`, the
 continuous VP path through that schedule, whose timestep map ``u(t) = (1 - t) N - 1`` takes flowlab
 time (``t = 0`` noise, ``t = 1`` data) to the UNet's (fractional) ``timestep``; the model is
 evaluated at ``t <= 1 - 1/N`` (``u >= 0``, where it was trained). Predictions:
@@ -26,9 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..flow.discrete import DIFFUSERS_PREDICTION_TYPES, DiscreteSchedulePath, diffusers_v_to_epsilon
 from ..flow.paths import AffinePath
-from ..wgf.flow import DIFFUSERS_PREDICTION_TYPES, diffusers_v_to_epsilon
-from ..wgf.schedule import DiscreteSchedulePath
 from .base import Conditioning, FamilyAdapter, cast_module, load_family_pipeline, resolve_dtype
 
 __all__ = ["UNetAdapter"]
@@ -148,11 +147,6 @@ class UNetAdapter(FamilyAdapter):
         return (0.0, 1.0 - 1.0 / self._path.num_train_timesteps)
 
     @property
-    def sample_shape(self) -> tuple[int, ...]:
-        side = self.resolution // self.vae_scale_factor
-        return (int(self.unet.config.in_channels), side, side)
-
-    @property
     def guidance_default(self) -> float:
         return self.guidance_scale
 
@@ -160,9 +154,9 @@ class UNetAdapter(FamilyAdapter):
     def _encode_unique(self, prompts: list[str]) -> Conditioning:
         pipe = self.pipeline()
         if not self.is_sdxl:
-            pe, _ = pipe.encode_prompt(prompts, self.device, 1, False)
+            pe, _ = pipe.encode_prompt(prompts, self.text_device, 1, False)
             return {"prompt_embeds": pe}
-        pe, _, pooled, _ = pipe.encode_prompt(prompts, None, self.device, 1, False)
+        pe, _, pooled, _ = pipe.encode_prompt(prompts, None, self.text_device, 1, False)
         size = (self.resolution, self.resolution)
         proj = int(self.text_encoder_2.config.projection_dim)
         time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=pe.dtype, text_encoder_projection_dim=proj)
@@ -188,15 +182,7 @@ class UNetAdapter(FamilyAdapter):
         """UNet output at ``timestep = u(t)`` (guided: ``neg + w (cond - neg)``), read as ``epsilon`` / ``x1``."""
         n = self._path.num_train_timesteps
         timestep = self._path.timestep(t.to(torch.float64)).clamp(0, n - 1).float()
-        if guidance == 1.0:
-            out = self._unet(network, x, timestep, cond)
-        else:
-            neg = self.negative_embeddings()
-            both = {k: torch.cat([cond[k], neg[k].to(cond[k].device).expand(x.shape[0], *neg[k].shape[1:])]) for k in cond}
-            out_c, out_n = self._unet(network, torch.cat([x, x]), torch.cat([timestep, timestep]), both).chunk(2)
-            if detach_unconditional:
-                out_n = out_n.detach()
-            out = out_n + guidance * (out_c - out_n)
+        out = self._classifier_free_guidance(lambda x_, u, c: self._unet(network, x_, u, c), x, timestep, cond, guidance, detach_unconditional)
         if self.raw_prediction_type == "v_prediction":
             out = diffusers_v_to_epsilon(self._path, out, x, t.to(x.dtype))
         return out

@@ -13,6 +13,7 @@ from .conventions import (
     velocity_to_diffusers,
 )
 from .couplings import Coupling, IndependentCoupling, MinibatchOTCoupling, build_coupling
+from .discrete import DIFFUSERS_PREDICTION_TYPES, DiscreteSchedulePath, diffusers_v_to_epsilon
 from .guidance import guided_field
 from .likelihood import LikelihoodOutput, divergence, gaussian_log_density, log_likelihood
 from .losses import FlowMatchingLoss, LossOutput

@@ -30,14 +30,24 @@ paper (noise at ``t_p = 1``) has ``r_p < t_p``; the map ``t = 1 - t_p``, ``r = 1
 with ``v_t`` the path's conditional velocity (``x1 - x0`` on the linear path), as flow matching
 replaces the marginal velocity by the conditional one. One forward-mode ``torch.func.jvp`` returns
 both ``u_theta`` (kept in the graph) and the tangent (detached). Pairs with ``r = t`` reduce the loss
-to plain flow matching; the paper trains with a fraction of ``r != t`` pairs
-(``distinct_fraction``, 25% in its ImageNet ablation) and the adaptive weight
-``w = 1 / (||u - u_tgt||^2 + c)^p`` (stop-gradient; ``p = 1``, ``c = 1e-3``).
+to plain flow matching (the JVP term is multiplied by ``r - t = 0``): :func:`meanflow_prediction_and_target`
+runs the JVP on the ``r != t`` rows only and one ordinary forward on the others, which gives the same
+loss and gradients up to round-off at a fraction of the cost. The paper trains with a fraction of
+``r != t`` pairs (``distinct_fraction``, 25% in its ImageNet ablation, 75% in the authors' CIFAR-10
+script) and the adaptive weight ``w = 1 / (||u - u_tgt||^2 + c)^p`` (stop-gradient; ``p = 1``, ``c = 1e-3``).
+
+**Time pairs** (:func:`sample_time_pairs`): either two draws of one sampler, sorted (the paper's
+description), or, with a separate sampler for ``r``, the authors' code's ``tr_sampler v1``: ``t`` and
+``r`` drawn from their own distributions, ``r = t`` with probability ``1 - distinct_fraction``, then
+``r = max(t, r)``. Their CIFAR-10 values, ``t ~ logit-normal(-0.6, 1.6)`` and ``r ~ logit-normal(-4, 1.6)``
+on their time (noise at 1), are ``t ~ logit-normal(0.6, 1.6)`` and ``r ~ logit-normal(4, 1.6)`` here
+(``logit(1 - t) = -logit(t)``).
 
 =====================  =========================================  ================================
 setting                paper (ImageNet 256)                       here (default)
 =====================  =========================================  ================================
-(t, r) distribution    two logit-normal draws, sorted             two draws of the recipe's time sampler, sorted
+(t, r) distribution    two logit-normal draws, sorted             two draws of the recipe's time sampler, sorted,
+                                                                  or ``t`` and ``r`` from separate samplers
 fraction r != t        25% (ablated 0-100%)                       ``distinct_fraction=0.25``
 adaptive weight p, c   p = 1, c = 1e-3                            ``adaptive_p=1``, ``adaptive_c=1e-3``
 ||.||^2                squared error of the sample                mean over dimensions (as ``FlowMatchingLoss``)
@@ -57,10 +67,18 @@ from .losses import LossOutput
 from .paths import AffinePath, LinearPath, expand_like
 from .time_samplers import TimeSampler, UniformTimeSampler
 
-__all__ = ["AverageVelocityFn", "MeanFlowLoss", "MeanFlowLossOutput", "meanflow_target", "sample_time_pairs"]
+__all__ = [
+    "AverageVelocityFn",
+    "MeanFlowLoss",
+    "MeanFlowLossOutput",
+    "meanflow_prediction_and_target",
+    "meanflow_target",
+    "sample_time_pairs",
+]
 
-#: ``u(x, t, r) -> (B, ...)``: the average velocity from the state ``x`` at times ``t`` ``(B,)`` to ``r`` ``(B,)``.
-AverageVelocityFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+#: ``u(x, t, r, *per_sample) -> (B, ...)``: the average velocity from the state ``x`` at times ``t`` ``(B,)``
+#: to ``r`` ``(B,)``; ``per_sample`` are optional further per-sample inputs (class labels, ...), ``(B, ...)`` or ``None``.
+AverageVelocityFn = Callable[..., Tensor]
 
 
 @dataclass
@@ -87,16 +105,75 @@ def meanflow_target(u_fn: AverageVelocityFn, x_t: Tensor, t: Tensor, r: Tensor, 
     return u, (v + expand_like(r - t, v) * du_dt).detach()
 
 
-def sample_time_pairs(time_sampler: TimeSampler, n: int, distinct_fraction: float, generator: torch.Generator | None = None) -> Tensor:
+def meanflow_prediction_and_target(
+    u_fn: AverageVelocityFn, x_t: Tensor, t: Tensor, r: Tensor, v: Tensor, per_sample: tuple[Tensor | None, ...] = ()
+) -> tuple[Tensor, Tensor]:
+    """:func:`meanflow_target` for a batch that mixes ``r != t`` and ``r = t`` pairs, with the JVP on the former only.
+
+    At ``r = t`` the target's JVP term is multiplied by ``r - t = 0``, so those rows need only ``u`` itself,
+    from one ordinary forward, and their target is ``v``. The two row sets are evaluated separately and
+    put back in the batch's order; the result equals :func:`meanflow_target` on the whole batch up to
+    round-off (a row's value does not depend on the others' for a per-sample network), and so do the
+    gradients through ``u``.
+
+    Args:
+        u_fn: the model ``u(x, t, r, *per_sample)``.
+        x_t, t, r, v: as for :func:`meanflow_target`: ``(B, ...)``, ``(B,)``, ``(B,)``, ``(B, ...)``.
+        per_sample: further inputs of ``u_fn`` with a leading batch dimension ``B`` (class labels, ...), split
+            with the rows; ``None`` entries are passed as ``None``.
+
+    Returns:
+        ``(u, u_tgt)``, ``(B, ...)`` each: ``u`` with its graph, ``u_tgt`` detached.
+    """
+
+    def rows(idx: Tensor | None):
+        if idx is None:
+            return x_t, t, r, v, per_sample
+        return x_t[idx], t[idx], r[idx], v[idx], tuple(None if c is None else c[idx] for c in per_sample)
+
+    def jvp_rows(idx: Tensor | None) -> tuple[Tensor, Tensor]:
+        x, tt, rr, vv, extra = rows(idx)
+        return meanflow_target(lambda x_, t_, r_: u_fn(x_, t_, r_, *extra), x, tt, rr, vv)
+
+    distinct = r != t
+    n_distinct = int(distinct.sum())
+    if n_distinct == t.shape[0]:
+        return jvp_rows(None)
+    same = (~distinct).nonzero().squeeze(1)
+    x, tt, rr, vv, extra = rows(None if n_distinct == 0 else same)
+    u_same = u_fn(x, tt, rr, *extra)
+    if n_distinct == 0:
+        return u_same, v.detach()
+    idx = distinct.nonzero().squeeze(1)
+    u_distinct, tgt_distinct = jvp_rows(idx)
+    back = torch.argsort(torch.cat([same, idx]))  # batch order from [same rows, distinct rows]
+    return torch.cat([u_same, u_distinct])[back], torch.cat([vv.to(tgt_distinct.dtype), tgt_distinct])[back].detach()
+
+
+def sample_time_pairs(
+    time_sampler: TimeSampler,
+    n: int,
+    distinct_fraction: float,
+    generator: torch.Generator | None = None,
+    r_time_sampler: TimeSampler | None = None,
+) -> Tensor:
     """Draw ``n`` pairs ``(t, r)`` with ``t <= r``, shape ``(n, 2)``.
 
-    Two independent draws of ``time_sampler``, sorted; then, with probability ``1 - distinct_fraction``
-    per pair, ``r`` is set to ``t`` (a flow-matching pair). Draws in a fixed order from ``generator``:
-    first times, then second times, then the mask.
+    Without ``r_time_sampler``: two independent draws of ``time_sampler``, sorted; then, with probability
+    ``1 - distinct_fraction`` per pair, ``r`` is set to ``t`` (a flow-matching pair).
+
+    With ``r_time_sampler`` (the authors' code's ``tr_sampler v1``, in flowlab time): ``t`` from
+    ``time_sampler``, ``r`` from ``r_time_sampler``, ``r = t`` with probability ``1 - distinct_fraction``,
+    then ``r = max(t, r)`` (so a drawn ``r`` below ``t`` also gives a flow-matching pair).
+
+    Either way the draws come in a fixed order from ``generator``: first times, then second times, then
+    the mask.
     """
     a = time_sampler.sample(n, generator)
-    b = time_sampler.sample(n, generator)
+    b = (r_time_sampler or time_sampler).sample(n, generator)
     keep = torch.rand(n, generator=generator, device=a.device) < distinct_fraction
+    if r_time_sampler is not None:
+        return torch.stack([a, torch.maximum(a, torch.where(keep, b, a))], dim=1)
     t = torch.minimum(a, b)
     r = torch.where(keep, torch.maximum(a, b), t)
     return torch.stack([t, r], dim=1)
@@ -107,11 +184,13 @@ class MeanFlowLoss:
 
     Args:
         path: the probability path (linear by default); ``v_t`` is its conditional velocity.
-        time_sampler: distribution of each of the two time draws (uniform by default).
+        time_sampler: distribution of each of the two time draws (uniform by default); of ``t`` alone
+            if ``r_time_sampler`` is given.
         coupling: noise/data pairing (independent by default).
         distinct_fraction: probability that a pair has ``r != t``, in ``[0, 1]``.
         adaptive_p: power ``p`` of the adaptive weight (``0`` disables it: plain squared error).
         adaptive_c: the constant ``c > 0`` of the adaptive weight.
+        r_time_sampler: a separate distribution of ``r`` (see :func:`sample_time_pairs`); ``None``: sorted pairs.
     """
 
     def __init__(
@@ -122,6 +201,7 @@ class MeanFlowLoss:
         distinct_fraction: float = 0.25,
         adaptive_p: float = 1.0,
         adaptive_c: float = 1e-3,
+        r_time_sampler: TimeSampler | None = None,
     ):
         if not 0.0 <= distinct_fraction <= 1.0:
             raise ValueError(f"distinct_fraction must lie in [0, 1], got {distinct_fraction!r}")
@@ -135,10 +215,11 @@ class MeanFlowLoss:
         self.distinct_fraction = distinct_fraction
         self.adaptive_p = adaptive_p
         self.adaptive_c = adaptive_c
+        self.r_time_sampler = r_time_sampler
 
     def sample_times(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``(n, 2)`` pairs ``(t, r)``, ``t <= r`` (see :func:`sample_time_pairs`)."""
-        return sample_time_pairs(self.time_sampler, n, self.distinct_fraction, generator)
+        return sample_time_pairs(self.time_sampler, n, self.distinct_fraction, generator, self.r_time_sampler)
 
     def __call__(
         self,
@@ -148,11 +229,14 @@ class MeanFlowLoss:
         t: Tensor | None = None,
         r: Tensor | None = None,
         generator: torch.Generator | None = None,
+        conditioning: tuple[Tensor | None, ...] = (),
     ) -> MeanFlowLossOutput:
         """Loss for data ``x_1`` ``(B, ...)``; noise ``x_0`` and times ``t <= r`` ``(B,)`` are drawn if not given.
 
-        ``u_fn(x_t, t, r)`` returns the model's average velocity (conditioning already bound).
-        ``per_sample`` holds the weighted per-sample losses; the weights are not differentiated.
+        ``u_fn(x_t, t, r, *conditioning)`` returns the model's average velocity; ``conditioning`` holds its
+        per-sample inputs ``(B, ...)`` (class labels, ...; ``None`` passes through), which are split with the
+        batch: the JVP runs on the ``r != t`` rows only (:func:`meanflow_prediction_and_target`).
+        The output's ``per_sample`` holds the weighted per-sample losses; the weights are not differentiated.
         """
         if x_0 is None:
             x_0 = torch.randn(x_1.shape, generator=generator, device="cpu" if generator is None else generator.device).to(x_1)
@@ -164,7 +248,7 @@ class MeanFlowLoss:
             raise ValueError("MeanFlowLoss: every pair needs t <= r (flowlab time: the step goes from t towards data at r)")
         x_0, x_1 = self.coupling(x_0, x_1)
         s = self.path.sample(x_0, x_1, t.to(x_1.dtype))
-        u, u_tgt = meanflow_target(u_fn, s.x_t, s.t, r.to(x_1.dtype), s.dx_t)
+        u, u_tgt = meanflow_prediction_and_target(u_fn, s.x_t, s.t, r.to(x_1.dtype), s.dx_t, tuple(conditioning))
         sq = (u.float() - u_tgt.float()).pow(2).flatten(1).mean(1)
         weight = (sq.detach() + self.adaptive_c).pow(-self.adaptive_p) if self.adaptive_p > 0 else torch.ones_like(sq)
         per_sample = weight * sq

@@ -11,12 +11,12 @@ to where its value is read out — forward-chaining in parameter space, hop by h
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Optional
+from contextlib import contextmanager, nullcontext
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..data.base import DataError
 from ..data.forward_chaining import (
@@ -31,8 +31,6 @@ from ..train.config import Config
 from .metrics import gold_ranks
 
 __all__ = ["ChainConfig", "build_chain_data", "concept_regression_loss", "evaluate_forward_chaining", "chain_query_counts"]
-
-
 
 
 def build_chain_data(config: Config) -> ForwardChainingData:
@@ -54,16 +52,40 @@ def build_chain_data(config: Config) -> ForwardChainingData:
         raise ConfigError(str(e)) from None
 
 
-def concept_regression_loss(model, heads: Tensor, relations: Tensor, tails: Tensor) -> Tensor:
-    """JEPA regression term ``mean_b (1 - cos(P(c_h, c_r), c_t))`` of a :class:`~flowlab.jepa.JEPAConceptModel`
-    on facts ``(B,)`` ids; the gradient reaches the prediction *and* the tail concept (no stop-gradient, as in
-    the contrastive loss).
+@contextmanager
+def _without_parameter_grads(*modules: nn.Module) -> Iterator[None]:
+    """Within the block, autograd records no gradient for the parameters of ``modules`` (their inputs still
+    get one); ``requires_grad`` is restored afterwards."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
-    The contrastive loss only asks the tail's concept to be the *closest* candidate to the prediction, so a
+
+def concept_regression_loss(model, heads: Tensor, relations: Tensor, tails: Tensor, predictor_grad: bool = True) -> Tensor:
+    """JEPA regression term ``mean_b (1 - cos(P(c_h, c_r), c_t))`` of a :class:`~flowlab.jepa.JEPAConceptModel`
+    on facts ``(B,)`` ids. The gradient always reaches the concepts: the tail's (pulled onto the prediction) and
+    the head's and relation's (through the predictor's input).
+
+    The contrastive loss only asks a tail's concept to be the *closest* candidate to the prediction, so a
     concept deduced from facts (a bridge's) ends near, not at, the concepts of its value, and every further
     hop and the ``<=>`` read-out start from off the trained points; the regression term removes that gap.
+
+    Args:
+        predictor_grad: whether the term also trains the predictor (and its output norm). With ``False``
+            the predictor P is a fixed map for this term, so the term only *places concepts* where P sends
+            them. With ``True`` it also drags P(c_h, c_r) towards c_t: for a fact whose tail is pinned by no
+            other fact (a dead-end leaf under a deduced node) P learns to send the node to the leaf's
+            arbitrary concept, off the values' concepts, and the node's further deductions go wrong
+            (docs/jepa.md, "Why deeper hops are weak").
     """
-    pred = model.predict(model.entity_concepts(heads), model.relation_concepts(relations))
+    frozen = _without_parameter_grads(model.predictor, model.output_norm) if not predictor_grad else nullcontext()
+    with frozen:
+        pred = model.predict(model.entity_concepts(heads), model.relation_concepts(relations))
     return (1.0 - F.cosine_similarity(pred, model.entity_concepts(tails), dim=-1)).mean()
 
 

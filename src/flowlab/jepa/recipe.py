@@ -236,6 +236,6 @@ class ReversalJEPARecipe(_ReversalRecipe):
         weight = self.config.chain.regression_weight if self.config.chain.enabled else 0.0
         if weight == 0.0:
             return StepOutput(loss=out.loss, logs={"train_accuracy": acc.detach()})
-        regression = concept_regression_loss(self._unwrap(model), h, r, t)
+        regression = concept_regression_loss(self._unwrap(model), h, r, t, self.config.chain.regression_predictor_grad)
         return StepOutput(loss=out.loss + weight * regression,
                           logs={"train_accuracy": acc.detach(), "concept_regression": regression.detach()})

@@ -1,15 +1,27 @@
-"""The small CNN whose features define the digits Fréchet distance (an "FID for digits").
+"""The small digits classifiers whose features define the digits Fréchet distances.
 
-The classifier is a CNN (conv 1->32->64, max-pool, FC to a 128-d penultimate layer, ReLU, 10-way
-head; the features are the 128 pre-activations) trained deterministically on the TRAIN split of
-the scikit-learn digits only (seeded, CPU, random 1-pixel shifts as augmentation, a few seconds).
-Its weights are cached as safetensors under ``cache_dir`` (default ``$FLOWLAB_CACHE`` or
-``~/.cache/flowlab``) in ``metrics/``, keyed by a hash of the training recipe
-(:data:`CLASSIFIER_RECIPE`), so any change to the recipe trains (and caches) a new model.
+* The **reference classifier** (:data:`CLASSIFIER_RECIPE`, :class:`DigitsClassifier`): a CNN
+  (conv 1->32->64, max-pool, FC to a 128-d penultimate layer, ReLU, 10-way head; the features
+  are the 128 pre-activations). Its features define the digits FD ("FID for digits"), and its
+  probabilities are the ``digits_classifier`` reward.
+* The **judge** (:data:`JUDGE_RECIPE`, :class:`DigitsMLPClassifier`): an independent MLP on the 64
+  pixels (64->512, ReLU, 512->64 features, ReLU, 10-way head; the features are the 64
+  pre-activations), with a different seed and optimiser settings. It shares no weights and no
+  architecture with the reward model, so a sample that fools the reward CNN is not thereby
+  close to real digits in the judge's feature space; the reward-hacking check of
+  :mod:`flowlab.nft.quality` measures there.
+
+Both are trained deterministically on the TRAIN split of the scikit-learn digits only (seeded,
+CPU, one thread, random 1-pixel shifts as augmentation, a few seconds) by the same code
+(:func:`train_classifier`). Their weights are cached as safetensors under ``cache_dir`` (default
+``$FLOWLAB_CACHE`` or ``~/.cache/flowlab``) in ``metrics/``, keyed by the recipe's ``version``
+and a hash of the whole recipe (:func:`recipe_hash`), so any change to a recipe trains (and
+caches) a new model.
 """
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 import json
 import os
 import time
@@ -28,7 +40,13 @@ __all__ = [
     "NUM_CLASSES",
     "CLASSIFIER_RECIPE",
     "CLASSIFIER_VERSION",
+    "JUDGE_RECIPE",
+    "JUDGE_VERSION",
     "DigitsClassifier",
+    "DigitsMLPClassifier",
+    "recipe_hash",
+    "build_classifier",
+    "load_judge",
     "train_classifier",
     "classifier_accuracy",
     "default_cache_dir",
@@ -53,10 +71,50 @@ CLASSIFIER_RECIPE: dict[str, Any] = {
     "num_threads": 1,  # CPU results depend on the thread count; 1 thread is also fastest here
     "features": "fc-preact",
 }
-CLASSIFIER_VERSION = hashlib.sha256(json.dumps(CLASSIFIER_RECIPE, sort_keys=True).encode()).hexdigest()[:12]
 
 
-class DigitsClassifier(nn.Module):
+def recipe_hash(recipe: dict[str, Any]) -> str:
+    """The first 12 hex digits of the SHA-256 of ``recipe`` as sorted-key JSON (the cache key)."""
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+CLASSIFIER_VERSION = recipe_hash(CLASSIFIER_RECIPE)
+
+# The independent judge of the reward-hacking check: another architecture (an MLP on the pixels,
+# no convolutions), another seed and other optimiser settings than the reward's CNN above.
+JUDGE_RECIPE: dict[str, Any] = {
+    "version": "digits-mlp-judge-v1",
+    "arch": {"type": "mlp", "hidden_dim": 512, "feature_dim": 64, "num_classes": NUM_CLASSES},
+    "data": {"split": "train"},
+    "augment": {"max_shift": 1, "fill": -1.0},
+    "optim": {"name": "adam", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "cosine"},
+    "epochs": 60,
+    "batch_size": 32,
+    "seed": 1,
+    "num_threads": 1,
+    "features": "fc-preact",
+}
+JUDGE_VERSION = recipe_hash(JUDGE_RECIPE)
+
+
+class _FeatureClassifier(nn.Module, ABC):
+    """A classifier whose logits are ``head(relu(features(x)))``; subclasses define ``features`` and ``head``."""
+
+    head: nn.Linear
+
+    @abstractmethod
+    def features(self, x: Tensor) -> Tensor:
+        """Penultimate pre-activations ``(N, feature_dim)`` of images ``(N, 1, 8, 8)`` in ``[-1, 1]``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(F.relu(self.features(x)))
+
+    def features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        f = self.features(x)
+        return f, self.head(F.relu(f))
+
+
+class DigitsClassifier(_FeatureClassifier):
     """``(N, 1, 8, 8)`` in ``[-1, 1]`` -> logits ``(N, 10)``.
 
     ``features`` is the 128-d penultimate layer *before* its ReLU: post-ReLU, about half of
@@ -76,12 +134,33 @@ class DigitsClassifier(nn.Module):
         h = F.max_pool2d(F.relu(self.conv2(h)), 2)  # (N, c2, 4, 4)
         return self.fc(h.flatten(1))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(F.relu(self.features(x)))
 
-    def features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        f = self.features(x)
-        return f, self.head(F.relu(f))
+class DigitsMLPClassifier(_FeatureClassifier):
+    """``(N, 1, 8, 8)`` in ``[-1, 1]`` -> logits ``(N, 10)`` through an MLP on the 64 pixels.
+
+    ``features`` are the ``feature_dim`` pre-activations of the second layer (as for
+    :class:`DigitsClassifier`, pre-ReLU so that their covariance has full rank)."""
+
+    def __init__(self, hidden_dim: int = 256, feature_dim: int = 64, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        self.fc1 = nn.Linear(64, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, feature_dim)
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def build_classifier(recipe: dict[str, Any]) -> DigitsClassifier | DigitsMLPClassifier:
+    """The untrained model of ``recipe["arch"]``: ``type`` ``cnn`` (the default, :class:`DigitsClassifier`)
+    or ``mlp`` (:class:`DigitsMLPClassifier`)."""
+    a = recipe["arch"]
+    kind = a.get("type", "cnn")
+    if kind == "cnn":
+        return DigitsClassifier(tuple(a["channels"]), a["feature_dim"], a["num_classes"])
+    if kind == "mlp":
+        return DigitsMLPClassifier(a["hidden_dim"], a["feature_dim"], a["num_classes"])
+    raise ValueError(f"classifier recipe arch.type must be 'cnn' or 'mlp', got {kind!r}")
 
 
 def _random_shift(x: Tensor, max_shift: int, fill: float, generator: torch.Generator) -> Tensor:
@@ -99,8 +178,9 @@ def _random_shift(x: Tensor, max_shift: int, fill: float, generator: torch.Gener
     return padded[torch.arange(b)[:, None, None], 0, rows, cols][:, None]
 
 
-def train_classifier(recipe: dict[str, Any] | None = None, verbose: bool = False) -> tuple[DigitsClassifier, dict[str, Any]]:
-    """Train the digits classifier on the TRAIN split, deterministically on CPU.
+def train_classifier(recipe: dict[str, Any] | None = None, verbose: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Train the digits classifier of ``recipe`` (default :data:`CLASSIFIER_RECIPE`) on the TRAIN
+    split, deterministically on CPU.
 
     Returns the model (eval mode) and an info dict with ``test_accuracy`` and
     ``train_seconds``. The global torch RNG state and thread count are left untouched.
@@ -114,7 +194,7 @@ def train_classifier(recipe: dict[str, Any] | None = None, verbose: bool = False
         torch.set_num_threads(prev_threads)
 
 
-def _train(r: dict[str, Any], verbose: bool) -> tuple[DigitsClassifier, dict[str, Any]]:
+def _train(r: dict[str, Any], verbose: bool) -> tuple[nn.Module, dict[str, Any]]:
     t0 = time.perf_counter()
     x_np, y_np = load_digits_arrays(r["data"]["split"])
     x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)
@@ -122,7 +202,7 @@ def _train(r: dict[str, Any], verbose: bool) -> tuple[DigitsClassifier, dict[str
     gen = torch.Generator().manual_seed(int(r["seed"]))
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(int(r["seed"]))
-        model = DigitsClassifier(tuple(r["arch"]["channels"]), r["arch"]["feature_dim"], r["arch"]["num_classes"])
+        model = build_classifier(r)
     opt = torch.optim.Adam(model.parameters(), lr=r["optim"]["lr"], weight_decay=r["optim"]["weight_decay"])
     bs, epochs = int(r["batch_size"]), int(r["epochs"])
     steps_per_epoch = (n + bs - 1) // bs
@@ -149,7 +229,7 @@ def _train(r: dict[str, Any], verbose: bool) -> tuple[DigitsClassifier, dict[str
 
 
 @torch.no_grad()
-def classifier_accuracy(model: DigitsClassifier, split: str = "test") -> float:
+def classifier_accuracy(model: nn.Module, split: str = "test") -> float:
     x, y = load_digits_arrays(split)
     pred = model(torch.from_numpy(x)).argmax(1).numpy()
     return float((pred == y).mean())
@@ -161,24 +241,29 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path("~/.cache/flowlab").expanduser()
 
 
-def classifier_path(cache_dir: str | os.PathLike | None = None) -> Path:
+def classifier_path(cache_dir: str | os.PathLike | None = None, recipe: dict[str, Any] | None = None) -> Path:
+    """The cache file of ``recipe`` (default :data:`CLASSIFIER_RECIPE`): ``<cache>/metrics/digits_classifier-<version>-<hash>.safetensors``."""
+    r = CLASSIFIER_RECIPE if recipe is None else recipe
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return root / "metrics" / f"digits_classifier-{CLASSIFIER_RECIPE['version']}-{CLASSIFIER_VERSION}.safetensors"
+    return root / "metrics" / f"digits_classifier-{r['version']}-{recipe_hash(r)}.safetensors"
 
 
-def load_classifier(cache_dir: str | os.PathLike | None = None, verbose: bool = False) -> tuple[DigitsClassifier, dict[str, Any]]:
-    """Load the cached classifier, or train and cache it. The info dict holds ``path``,
-    ``from_cache``, ``test_accuracy`` and ``train_seconds`` (of the run that trained it)."""
+def load_classifier(
+    cache_dir: str | os.PathLike | None = None, verbose: bool = False, recipe: dict[str, Any] | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load the cached classifier of ``recipe`` (default :data:`CLASSIFIER_RECIPE`, the reward's CNN),
+    or train and cache it. The info dict holds ``path``, ``from_cache``, ``test_accuracy`` and
+    ``train_seconds`` (of the run that trained it)."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    path = classifier_path(cache_dir)
-    r = CLASSIFIER_RECIPE
+    r = CLASSIFIER_RECIPE if recipe is None else recipe
+    path = classifier_path(cache_dir, r)
     if path.is_file():
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-            model = DigitsClassifier(tuple(r["arch"]["channels"]), r["arch"]["feature_dim"], r["arch"]["num_classes"])
+            model = build_classifier(r)
             model.load_state_dict(load_file(str(path)))
             model.eval()
             info = {
@@ -194,7 +279,7 @@ def load_classifier(cache_dir: str | os.PathLike | None = None, verbose: bool = 
     model, info = train_classifier(r, verbose=verbose)
     metadata = {
         "recipe": json.dumps(r, sort_keys=True),
-        "version": CLASSIFIER_VERSION,
+        "version": recipe_hash(r),
         "test_accuracy": repr(info["test_accuracy"]),
         "train_seconds": repr(info["train_seconds"]),
         "torch": torch.__version__,
@@ -205,9 +290,12 @@ def load_classifier(cache_dir: str | os.PathLike | None = None, verbose: bool = 
     # hand back a fresh model built from the saved weights, exactly as a later (cached) call would: the
     # freshly trained module can differ from it in the last bits of its outputs, and a run that trains the
     # classifier must score exactly like its resumed continuation that loads it
-    fresh = DigitsClassifier(tuple(r["arch"]["channels"]), r["arch"]["feature_dim"], r["arch"]["num_classes"])
+    fresh = build_classifier(r)
     fresh.load_state_dict(load_file(str(path)))
     fresh.eval()
     return fresh, {"path": str(path), "from_cache": False, **info}
 
 
+def load_judge(cache_dir: str | os.PathLike | None = None, verbose: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """The independent judge (:data:`JUDGE_RECIPE`), cached like the reward classifier; see :func:`load_classifier`."""
+    return load_classifier(cache_dir, verbose=verbose, recipe=JUDGE_RECIPE)

@@ -36,12 +36,18 @@ from .classifier import (
     CLASSIFIER_RECIPE,
     CLASSIFIER_VERSION,
     FEATURE_DIM,
+    JUDGE_RECIPE,
+    JUDGE_VERSION,
     NUM_CLASSES,
     DigitsClassifier,
+    DigitsMLPClassifier,
+    build_classifier,
     classifier_accuracy,
     classifier_path,
     default_cache_dir,
     load_classifier,
+    load_judge,
+    recipe_hash,
     train_classifier,
 )
 from .frechet import fd_from_features, feature_stats, frechet_distance
@@ -51,8 +57,11 @@ __all__ = [
     "prepare_images",
     # re-exported from .classifier and .frechet
     "DigitsClassifier",
+    "DigitsMLPClassifier",
     "CLASSIFIER_RECIPE",
     "CLASSIFIER_VERSION",
+    "JUDGE_RECIPE",
+    "JUDGE_VERSION",
     "FEATURE_DIM",
     "NUM_CLASSES",
     "default_cache_dir",
@@ -60,6 +69,9 @@ __all__ = [
     "classifier_accuracy",
     "train_classifier",
     "load_classifier",
+    "load_judge",
+    "build_classifier",
+    "recipe_hash",
     "feature_stats",
     "frechet_distance",
     "fd_from_features",
@@ -111,7 +123,7 @@ class DigitsEvaluator:
 
     batch_size = 1024
 
-    def __init__(self, model: DigitsClassifier, info: dict[str, Any] | None = None):
+    def __init__(self, model: torch.nn.Module, info: dict[str, Any] | None = None):
         self.model = model.eval().to("cpu", torch.float32)
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -125,8 +137,12 @@ class DigitsEvaluator:
         self._floor_num_samples: int | None = None
 
     @classmethod
-    def load(cls, cache_dir: str | os.PathLike | None = None, verbose: bool = False) -> "DigitsEvaluator":
-        model, info = load_classifier(cache_dir, verbose=verbose)
+    def load(
+        cls, cache_dir: str | os.PathLike | None = None, verbose: bool = False, recipe: dict[str, Any] | None = None
+    ) -> "DigitsEvaluator":
+        """The evaluator of the classifier of ``recipe`` (default :data:`CLASSIFIER_RECIPE`, the reward's
+        CNN; :data:`JUDGE_RECIPE` for the independent judge), loaded from the cache or trained."""
+        model, info = load_classifier(cache_dir, verbose=verbose, recipe=recipe)
         return cls(model, info)
 
     @torch.no_grad()
@@ -137,11 +153,11 @@ class DigitsEvaluator:
             feats.append(f)
             probs.append(logits.softmax(dim=1))
         if not feats:
-            return torch.zeros(0, FEATURE_DIM), torch.zeros(0, NUM_CLASSES)
+            return torch.zeros(0, self.model.head.in_features), torch.zeros(0, self.model.head.out_features)
         return torch.cat(feats), torch.cat(probs)
 
     def features(self, images: np.ndarray | Tensor, value_range: str = "model") -> Tensor:
-        """Penultimate classifier features ``(N, 128)`` (pre-activation, float32, CPU)."""
+        """Penultimate classifier features ``(N, D)`` (pre-activation, float32, CPU; D = 128 for the reward CNN, 64 for the judge)."""
         x, _ = prepare_images(images, value_range)
         return self._features(x)[0]
 

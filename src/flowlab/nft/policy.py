@@ -217,18 +217,6 @@ class Policy(nn.Module, ABC):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def _deepcopy_sharing(self, memo: dict, shared: Sequence[nn.Module], reset: Sequence[str] = ()) -> "Policy":
-        """A deep copy whose ``shared`` modules (frozen encoders, VAE) are the same objects, not copies,
-        and whose attributes named in ``reset`` (e.g. caches of pipeline objects) are ``None``: what
-        ``__deepcopy__`` of a policy over frozen components returns (the trainer's EMA copy)."""
-        for m in shared:
-            memo[id(m)] = m
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        for key, value in self.__dict__.items():
-            new.__dict__[key] = None if key in reset else copy.deepcopy(value, memo)
-        return new
-
 
 class FlowPolicy(Policy):
     """A flowlab velocity network (from a :class:`~flowlab.pipelines.FlowPipeline`) as an RL policy.

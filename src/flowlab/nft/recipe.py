@@ -204,12 +204,13 @@ class RLRecipe(Recipe):
         )
 
     def _sd3_policy(self, rl: SD3RLConfig) -> Policy:
-        """``rl.pipeline: sd3``: LoRA (or full) fine-tuning of an SD3 pipeline's transformer."""
-        from .sd3 import SD3Policy
+        """``rl.pipeline: sd3``: LoRA (or full) fine-tuning of an SD3 pipeline's transformer, through
+        :class:`~flowlab.families.SD3Adapter` (CFG in rollouts)."""
+        from .family_policy import SD3Policy
 
         return SD3Policy.from_pretrained(
             rl.base, lora=self._lora(SD3Policy.default_lora_targets), reference=self.needs_reference,
-            resolution=rl.resolution, max_sequence_length=rl.max_sequence_length,
+            resolution=rl.resolution, max_sequence_length=rl.max_sequence_length, guidance_scale=rl.guidance_scale,
         )
 
     def _cache_prompt_embeddings(self, policy: Policy) -> None:

@@ -31,3 +31,6 @@ class ChainConfig:
     # reversal_jepa: weight of the JEPA regression term 1 - cos(prediction, tail concept) added to the
     # contrastive loss; it pulls a deduced concept onto its prediction instead of merely closest to it
     regression_weight: float = field(default=0.0, metadata={"min": 0.0})
+    # reversal_jepa: whether the regression term also trains the predictor; false: it only places the concepts
+    # where the predictor sends them (the predictor then learns from the contrastive loss alone; docs/jepa.md)
+    regression_predictor_grad: bool = True

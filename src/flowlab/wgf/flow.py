@@ -32,12 +32,12 @@ import torch
 from torch import Tensor
 
 from ..flow.conventions import PREDICTION_T_EPS
+from ..flow.discrete import DIFFUSERS_PREDICTION_TYPES, DiscreteSchedulePath, diffusers_v_to_epsilon
 from ..flow.likelihood import LikelihoodOutput, log_likelihood
 from ..flow.parameterization import PREDICTION_TYPES, convert
 from ..flow.paths import AffinePath
 from ..flow.sampling import SampleOutput, sample
 from ..flow.sde import MarginalSDE, diffusion_coefficient
-from .schedule import DiscreteSchedulePath
 
 __all__ = [
     "ProbabilityFlow",
@@ -47,19 +47,7 @@ __all__ = [
     "sample_sde",
 ]
 
-#: diffusers ``prediction_type`` -> what the model predicts, in flowlab's names
-DIFFUSERS_PREDICTION_TYPES = {"epsilon": "epsilon", "sample": "x1", "v_prediction": "v_prediction", "score": "score"}
 _ALL_KINDS = (*PREDICTION_TYPES, "sample", "v_prediction")
-
-
-def diffusers_v_to_epsilon(path: AffinePath, v: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-    """diffusers' ``v_prediction`` target ``v = alpha eps - sigma x1`` -> ``eps``.
-
-    With ``x_t = alpha x1 + sigma eps``: ``eps = (sigma x_t + alpha v) / (alpha^2 + sigma^2)``
-    (``alpha^2 + sigma^2 = 1`` on variance-preserving paths).
-    """
-    a, s, _, _ = path.coefficients(t, x_t)
-    return (s * x_t + a * v) / (a * a + s * s)
 
 
 class ProbabilityFlow:

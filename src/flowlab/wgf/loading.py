@@ -12,7 +12,8 @@ from .flow import ProbabilityFlow
 __all__ = ["load_probability_flow", "FAMILY_PIPELINES"]
 
 #: diffusers pipeline class -> flowlab model family (:mod:`flowlab.families`)
-FAMILY_PIPELINES = {"StableDiffusionPipeline": "sd_unet", "StableDiffusionXLPipeline": "sd_unet", "FluxPipeline": "flux"}
+FAMILY_PIPELINES = {"StableDiffusionPipeline": "sd_unet", "StableDiffusionXLPipeline": "sd_unet", "FluxPipeline": "flux",
+                    "StableDiffusion3Pipeline": "sd3"}
 
 
 def load_probability_flow(

@@ -19,6 +19,12 @@ class MeanFlowConfig:
     distinct_fraction: float = field(default=0.25, metadata={"min": 0.0, "max": 1.0})  # share of pairs with r != t
     adaptive_p: float = field(default=1.0, metadata={"min": 0.0})  # adaptive weight 1 / (err^2 + c)^p; 0: plain MSE
     adaptive_c: float = field(default=1e-3, metadata={"min": 1e-12})
+    # time pairs: "sorted" = two draws of flow.time_sampler, sorted; "separate" = t from flow.time_sampler and r
+    # from r_time_sampler, then r = max(t, r) (the authors' code's tr_sampler v1; see flowlab.flow.sample_time_pairs)
+    time_pairs: str = field(default="sorted", metadata=choices("sorted", "separate"))
+    r_time_sampler: str = field(default="logit_normal", metadata=choices("uniform", "logit_normal"))  # with "separate"
+    r_logit_mean: float = 4.0  # flowlab time; the authors' CIFAR-10 logit-normal(-4.0, 1.6) on their time
+    r_logit_std: float = field(default=1.6, metadata={"min": 1e-6})
 
 
 @dataclass

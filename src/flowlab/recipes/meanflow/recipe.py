@@ -4,12 +4,13 @@ samples in one or two steps (``solver="meanflow"``).
 
 It is :class:`~flowlab.recipes.flow_matching.recipe.FlowMatchingRecipe` with ``mean_flow = True`` (the model
 gets its second time input, the scheduler records that the model is a MeanFlow model) and another
-training step; the path, time sampler and coupling are the ``flow:`` section's, as for flow matching.
+training step; the path, time sampler and coupling are the ``flow:`` section's, as for flow matching
+(``meanflow.time_pairs: separate`` adds a second sampler, for ``r``).
 """
 from __future__ import annotations
 
 from ...errors import ConfigError
-from ...flow import MeanFlowLoss
+from ...flow import MeanFlowLoss, build_time_sampler
 from ...train.config import Config
 from ...train.recipe import StepContext, StepOutput
 from ..flow_matching.recipe import FlowMatchingRecipe
@@ -46,10 +47,14 @@ class MeanFlowRecipe(FlowMatchingRecipe):
             distinct_fraction=m.distinct_fraction,
             adaptive_p=m.adaptive_p,
             adaptive_c=m.adaptive_c,
+            r_time_sampler=(
+                build_time_sampler(m.r_time_sampler, mean=m.r_logit_mean, std=m.r_logit_std) if m.time_pairs == "separate" else None
+            ),
         )
 
     def training_step(self, model, batch, ctx: StepContext) -> StepOutput:
         x1, labels, x0 = self.data_labels_noise(batch, ctx)
         t, r = ctx.draw(self.mean_flow_loss.sample_times).unbind(1)
-        out = self.mean_flow_loss(lambda x, tt, rr: model(x, tt, labels, r=rr), x1, x_0=x0, t=t, r=r)
+        # labels go in as a per-sample input: the loss runs the JVP on the r != t rows only
+        out = self.mean_flow_loss(lambda x, tt, rr, y: model(x, tt, y, r=rr), x1, x_0=x0, t=t, r=r, conditioning=(labels,))
         return StepOutput(loss=out.loss, logs={"mean_flow_mse": out.squared_error.mean()})
