@@ -79,9 +79,10 @@ mode, marker, stop, args = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[
 
 def block_here():
     """Tell the test where we are, then wait for SIGKILL."""
-    with open(marker + ".part", "w") as f:
+    part = f"{marker}.{os.getpid()}.part"  # one per process: the ranks of a launch get here together
+    with open(part, "w") as f:
         f.write(str(os.getpid()))
-    os.replace(marker + ".part", marker)
+    os.replace(part, marker)
     while True:
         time.sleep(3600)
 
@@ -91,9 +92,10 @@ received = []
 
 def wait_for_signal():
     """Tell the test where we are, then wait until the trainer's handler has recorded a signal."""
-    with open(marker + ".part", "w") as f:
+    part = f"{marker}.{os.getpid()}.part"  # one per process: the ranks of a launch get here together
+    with open(part, "w") as f:
         f.write(str(os.getpid()))
-    os.replace(marker + ".part", marker)
+    os.replace(part, marker)
     while not received:
         time.sleep(0.01)
 
