@@ -302,7 +302,7 @@ class Trainer:
         """Every process holds the whole trained model and EMA (parameter-owning training broadcasts them);
         with ``gather``, when the model is held in shards, the main process also gets the whole EMA
         model's state for :meth:`ema_model` (a collective call)."""
-        model = self.accelerator.unwrap_model(self.model)
+        model = self._unwrapped
         self.strategy.sync_owned(model, self.ema.shadow_params, self._ema_mask)
         if gather:
             self._gathered = self.strategy.gather_ema_state(model, self.ema.shadow_params, self._ema_mask)
