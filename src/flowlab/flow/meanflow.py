@@ -136,15 +136,13 @@ def meanflow_prediction_and_target(
         return meanflow_target(lambda x_, t_, r_: u_fn(x_, t_, r_, *extra), x, tt, rr, vv)
 
     distinct = r != t
-    n_distinct = int(distinct.sum())
-    if n_distinct == t.shape[0]:
+    if bool(distinct.all()):
         return jvp_rows(None)
-    same = (~distinct).nonzero().squeeze(1)
-    x, tt, rr, vv, extra = rows(None if n_distinct == 0 else same)
+    if not bool(distinct.any()):
+        return u_fn(x_t, t, r, *per_sample), v.detach()
+    same, idx = (~distinct).nonzero().squeeze(1), distinct.nonzero().squeeze(1)
+    x, tt, rr, vv, extra = rows(same)
     u_same = u_fn(x, tt, rr, *extra)
-    if n_distinct == 0:
-        return u_same, v.detach()
-    idx = distinct.nonzero().squeeze(1)
     u_distinct, tgt_distinct = jvp_rows(idx)
     back = torch.argsort(torch.cat([same, idx]))  # batch order from [same rows, distinct rows]
     return torch.cat([u_same, u_distinct])[back], torch.cat([vv.to(tgt_distinct.dtype), tgt_distinct])[back].detach()
