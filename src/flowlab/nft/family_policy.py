@@ -25,7 +25,6 @@ Families: :class:`SD3Policy` (``rl.pipeline: sd3``), :class:`FluxPolicy` (``flux
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, ClassVar, Sequence
 
@@ -35,6 +34,7 @@ from torch import Tensor, nn
 from ..families.base import JOINT_ATTENTION_LORA_TARGETS, FamilyAdapter
 from ..families.flux import FluxAdapter
 from ..families.sd3 import SD3Adapter
+from ..fileio import atomic_write_json
 from ..flow.paths import AffinePath
 from .policy import LoraSpec, Policy, add_policy_adapters
 
@@ -159,8 +159,7 @@ class FamilyPolicy(Policy):
             info["lora"] = {"rank": self.lora.rank, "alpha": self.lora.alpha, "target_modules": self.lora.target_modules}
         else:
             adapter.save_network(directory)
-        with open(os.path.join(directory, self.settings_file), "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=2)
+        atomic_write_json(os.path.join(directory, self.settings_file), info)
 
 
 class FluxPolicy(FamilyPolicy):
