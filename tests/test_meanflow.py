@@ -112,7 +112,7 @@ def test_jvp_on_distinct_rows_only_gives_the_full_batch_loss_and_gradients(disti
     s = LinearPath().sample(x0, x1, t)
     u, u_tgt = meanflow_prediction_and_target(lambda x, tt, rr, y: model(x, tt, y, r=rr), s.x_t, s.t, r, s.dx_t, (labels,))
     u_ref, tgt_ref = meanflow_target(lambda x, tt, rr: model(x, tt, labels, r=rr), s.x_t, s.t, r, s.dx_t)
-    assert torch.allclose(u, u_ref, atol=1e-5) and torch.allclose(u_tgt, tgt_ref, atol=1e-5)
+    assert torch.allclose(u, u_ref, atol=1e-5) and torch.allclose(u_tgt, tgt_ref, rtol=1e-5, atol=1e-6 * tgt_ref.abs().max().item()), (u_tgt - tgt_ref).abs().max()
     assert not u_tgt.requires_grad and u.requires_grad
 
 
@@ -129,8 +129,71 @@ def test_row_split_passes_none_conditioning_through():
         return model(x, tt, y, r=rr)
 
     out = MeanFlowLoss()(u_fn, x1, x_0=x0, t=t, r=r, conditioning=(None,))
-    assert sorted(k for k, _ in seen) == [4, 6] and all(y is None for _, y in seen)  # one forward, one JVP
+    assert sorted(k for k, _ in seen) == [4, 10] and all(y is None for _, y in seen)  # a JVP of the 4 r != t rows, one forward of all
     assert torch.allclose(out.loss, _full_jvp_loss(model, x1, x0, t, r, None), rtol=1e-5)
+
+
+@pytest.mark.parametrize("mean_flow", [True, False])
+@pytest.mark.parametrize("scale", [1000.0, 1.0])
+def test_written_out_mlp_jvp_matches_torch_func_jvp(mean_flow, scale):
+    """MLPVelocity.jvp (layer by layer: linear, SiLU, LayerNorm, FiLM, sinusoidal features) against forward-mode AD,
+    along random tangents of x, t and (MeanFlow models) r, odd feature size included, with and without labels."""
+    torch.manual_seed(0)
+    model = _randomize(MLPVelocity(sample_shape=(1, 4, 4), hidden_dim=24, depth=2, time_embed_dim=9, num_classes=3,
+                                   mean_flow=mean_flow, time_embed_scale=scale))
+    g = torch.Generator().manual_seed(5)
+    x, dx = torch.randn(12, 1, 4, 4, generator=g), torch.randn(12, 1, 4, 4, generator=g)
+    t, dt = torch.rand(12, generator=g), torch.randn(12, generator=g)
+    r, dr = (torch.rand(12, generator=g), torch.randn(12, generator=g)) if mean_flow else (None, None)
+    for labels in (torch.randint(0, 4, (12,), generator=g), None):
+        if mean_flow:
+            ref = torch.func.jvp(lambda a, b, c: model(a, b, labels, r=c), (x, t, r), (dx, dt, dr))
+            got = model.jvp(x, t, labels, r, dx, dt, dr)
+            # dr = None holds r fixed (MeanFlow's tangent (v, 1, 0))
+            fixed = torch.func.jvp(lambda a, b: model(a, b, labels, r=r), (x, t), (dx, dt))
+            assert torch.allclose(model.jvp(x, t, labels, r, dx, dt)[1], fixed[1], rtol=1e-4, atol=1e-5 * fixed[1].abs().max().item())
+        else:
+            ref = torch.func.jvp(lambda a, b: model(a, b, labels), (x, t), (dx, dt))
+            got = model.jvp(x, t, labels, None, dx, dt)
+        assert torch.allclose(got[0], ref[0], atol=1e-5)
+        assert torch.allclose(got[1], ref[1], rtol=1e-4, atol=1e-5 * ref[1].abs().max().item()), (got[1] - ref[1]).abs().max()
+        assert not got[0].requires_grad and not got[1].requires_grad
+
+
+def test_recipe_uses_the_written_out_jvp_only_where_it_is_exact():
+    from peft import LoraConfig
+
+    from flowlab.recipes.meanflow.recipe import _exact_jvp_fn
+
+    model = MLPVelocity(sample_shape=(1, 4, 4), hidden_dim=16, depth=1, time_embed_dim=8, num_classes=3, mean_flow=True)
+    assert _exact_jvp_fn(model) is not None
+    wrapped = torch.nn.Module()
+    wrapped.module = model  # the DDP layout: the bare network under .module
+    assert _exact_jvp_fn(wrapped) is not None
+    sharded = type("FullyShardedDataParallel", (torch.nn.Module,), {})()
+    sharded.module = model  # FSDP holds shards outside its forward: always the torch.func fallback
+    assert _exact_jvp_fn(sharded) is None
+    dropout = MLPVelocity(sample_shape=(1, 4, 4), hidden_dim=16, depth=1, time_embed_dim=8, mean_flow=True, dropout=0.1)
+    assert _exact_jvp_fn(dropout.train()) is None and _exact_jvp_fn(dropout.eval()) is not None  # active dropout: fall back
+    model.add_adapter(LoraConfig(r=2, target_modules=["inp", "out"]))
+    assert not model.supports_exact_jvp() and _exact_jvp_fn(model) is None  # LoRA layers: fall back
+
+
+@pytest.mark.parametrize("distinct_fraction", [0.25, 1.0])
+def test_loss_with_the_written_out_jvp_equals_the_default(distinct_fraction):
+    torch.manual_seed(0)
+    model = _randomize(MLPVelocity(sample_shape=(1, 4, 4), hidden_dim=16, depth=2, time_embed_dim=8, num_classes=4, mean_flow=True))
+    g = torch.Generator().manual_seed(2)
+    x1, x0 = torch.randn(40, 1, 4, 4, generator=g), torch.randn(40, 1, 4, 4, generator=g)
+    labels = torch.randint(0, 5, (40,), generator=g)
+    t, r = sample_time_pairs(LogitNormalTimeSampler(0.4, 1.0), 40, distinct_fraction, g).unbind(1)
+    u_fn = lambda x, tt, rr, y: model(x, tt, y, r=rr)  # noqa: E731
+    hand = MeanFlowLoss()(u_fn, x1, x_0=x0, t=t, r=r, conditioning=(labels,),
+                          jvp_fn=lambda x, tt, rr, dx, y: model.jvp(x, tt, y, rr, dx, torch.ones_like(tt)))
+    auto = MeanFlowLoss()(u_fn, x1, x_0=x0, t=t, r=r, conditioning=(labels,))
+    assert torch.allclose(hand.loss, auto.loss, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(hand.loss, list(model.parameters())), torch.autograd.grad(auto.loss, list(model.parameters()))):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def _reference_v1_pairs(n, g, ratio, mean_t=-0.6, std_t=1.6, mean_r=-4.0, std_r=1.6):
@@ -366,3 +429,29 @@ def test_meanflow_loss_recovers_the_gaussian_it_is_trained_on(distinct_fraction)
     with torch.no_grad():
         one = sample(model, x0, solver="meanflow", num_steps=1).x
     assert abs(one.mean().item() - MU) < 0.05 and abs(one.std().item() - S) < 0.05
+
+
+def test_meanflow_two_processes_match_one(tmp_path):
+    """DDP: the graph-free target pass (written-out JVP on the bare network) and the one forward through the
+    wrapper give the one-process result at the same global batch."""
+    import sys
+
+    from safetensors.torch import load_file
+
+    from conftest import launch_two_cpu_processes, run_checked
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra = ["recipe=meanflow", "model.class_conditional=true", "sample.solver=meanflow", "train.max_steps=10",
+             "train.checkpoint_every=10", "meanflow.distinct_fraction=0.5", "model.time_embed_scale=1"]
+    run_checked([sys.executable, "train.py", *tiny_overrides(one, *extra)])
+    log = launch_two_cpu_processes(*tiny_overrides(two, *extra))
+    assert "2 process(es) [MULTI_CPU]" in log, log[-2000:]
+    w1 = load_file(one / "pipeline" / "velocity_model" / "diffusion_pytorch_model.safetensors")
+    w2 = load_file(two / "pipeline" / "velocity_model" / "diffusion_pytorch_model.safetensors")
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4)
+    # the loss is reduced over processes (extra logs such as mean_flow_mse are the main process's own rows)
+    l1 = [json.loads(x)["loss"] for x in open(one / "metrics.jsonl") if '"loss"' in x]
+    l2 = [json.loads(x)["loss"] for x in open(two / "metrics.jsonl") if '"loss"' in x]
+    assert len(l1) == len(l2) == 1
+    torch.testing.assert_close(torch.tensor(l1), torch.tensor(l2), atol=1e-5, rtol=1e-4)

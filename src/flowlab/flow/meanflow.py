@@ -28,11 +28,15 @@ paper (noise at ``t_p = 1``) has ``r_p < t_p``; the map ``t = 1 - t_p``, ``r = 1
     u_tgt = v_t + (r - t) * sg(JVP_{(v_t, 1, 0)} u_theta(x_t, t, r)),
 
 with ``v_t`` the path's conditional velocity (``x1 - x0`` on the linear path), as flow matching
-replaces the marginal velocity by the conditional one. One forward-mode ``torch.func.jvp`` returns
-both ``u_theta`` (kept in the graph) and the tangent (detached). Pairs with ``r = t`` reduce the loss
-to plain flow matching (the JVP term is multiplied by ``r - t = 0``): :func:`meanflow_prediction_and_target`
-runs the JVP on the ``r != t`` rows only and one ordinary forward on the others, which gives the same
-loss and gradients up to round-off at a fraction of the cost. The paper trains with a fraction of
+replaces the marginal velocity by the conditional one. The reference computes both ``u_theta`` (kept
+in the graph) and the tangent (detached) with one forward-mode JVP of the whole batch
+(:func:`meanflow_target`). Since the target is a stop-gradient, :func:`meanflow_prediction_and_target`
+(what the loss uses) computes it without a graph, and only on the ``r != t`` rows (at ``r = t`` the JVP
+term is multiplied by ``r - t = 0`` and the target is ``v``), then runs one ordinary forward of the
+whole batch for ``u``: the same loss and gradients up to round-off, at one flow-matching step plus a
+graph-free JVP of a quarter of the batch. A model may supply its own forward-mode derivative
+(``jvp_fn``; :meth:`flowlab.models.MLPVelocity.jvp` is written out layer by layer and costs half of
+``torch.func.jvp`` on that network). The paper trains with a fraction of
 ``r != t`` pairs (``distinct_fraction``, 25% in its ImageNet ablation, 75% in the authors' CIFAR-10
 script) and the adaptive weight ``w = 1 / (||u - u_tgt||^2 + c)^p`` (stop-gradient; ``p = 1``, ``c = 1e-3``).
 
@@ -69,12 +73,17 @@ from .time_samplers import TimeSampler, UniformTimeSampler
 
 __all__ = [
     "AverageVelocityFn",
+    "AverageVelocityJvpFn",
     "MeanFlowLoss",
     "MeanFlowLossOutput",
     "meanflow_prediction_and_target",
     "meanflow_target",
     "sample_time_pairs",
 ]
+
+#: ``jvp_fn(x, t, r, dx, *per_sample) -> (u, du_dt)``: the average velocity and its derivative along ``(dx, 1, 0)`` in
+#: ``(x, t, r)``, without an autograd graph (see :func:`meanflow_prediction_and_target`).
+AverageVelocityJvpFn = Callable[..., tuple[Tensor, Tensor]]
 
 #: ``u(x, t, r, *per_sample) -> (B, ...)``: the average velocity from the state ``x`` at times ``t`` ``(B,)``
 #: to ``r`` ``(B,)``; ``per_sample`` are optional further per-sample inputs (class labels, ...), ``(B, ...)`` or ``None``.
@@ -106,46 +115,71 @@ def meanflow_target(u_fn: AverageVelocityFn, x_t: Tensor, t: Tensor, r: Tensor, 
 
 
 def meanflow_prediction_and_target(
-    u_fn: AverageVelocityFn, x_t: Tensor, t: Tensor, r: Tensor, v: Tensor, per_sample: tuple[Tensor | None, ...] = ()
+    u_fn: AverageVelocityFn,
+    x_t: Tensor,
+    t: Tensor,
+    r: Tensor,
+    v: Tensor,
+    per_sample: tuple[Tensor | None, ...] = (),
+    jvp_fn: AverageVelocityJvpFn | None = None,
+    tangent: str = "conditional",
 ) -> tuple[Tensor, Tensor]:
-    """:func:`meanflow_target` for a batch that mixes ``r != t`` and ``r = t`` pairs, with the JVP on the former only.
+    """:func:`meanflow_target` for a batch that mixes ``r != t`` and ``r = t`` pairs, computed in two passes:
 
-    At ``r = t`` the target's JVP term is multiplied by ``r - t = 0``, so those rows need only ``u`` itself,
-    from one ordinary forward, and their target is ``v``. The two row sets are evaluated separately and
-    put back in the batch's order; the result equals :func:`meanflow_target` on the whole batch up to
-    round-off (a row's value does not depend on the others' for a per-sample network), and so do the
-    gradients through ``u``.
+    1. the target, without a graph: at ``r = t`` the JVP term is multiplied by ``r - t = 0`` and the target is
+       ``v``; on the ``r != t`` rows only, the tangent ``du/dt`` comes from ``jvp_fn`` (a model's own
+       forward-mode derivative, e.g. :meth:`flowlab.models.MLPVelocity.jvp`) or, by default, from
+       ``torch.func.jvp`` of ``u_fn`` under ``torch.no_grad``;
+    2. the prediction ``u``, from one ordinary forward of the whole batch with its graph.
+
+    The target is a stop-gradient, so this equals :func:`meanflow_target` on the whole batch up to round-off,
+    and so do the gradients through ``u`` (tested), for any network whose rows do not depend on each other
+    and whose forward is deterministic (with active dropout the target's pass draws its own mask). It costs
+    one flow-matching step plus one graph-free JVP on the ``r != t`` rows: no backward graph is recorded
+    through the JVP, and the forward with a graph runs once, on the full batch.
 
     Args:
         u_fn: the model ``u(x, t, r, *per_sample)``.
         x_t, t, r, v: as for :func:`meanflow_target`: ``(B, ...)``, ``(B,)``, ``(B,)``, ``(B, ...)``.
         per_sample: further inputs of ``u_fn`` with a leading batch dimension ``B`` (class labels, ...), split
             with the rows; ``None`` entries are passed as ``None``.
+        jvp_fn: ``jvp_fn(x, t, r, dx, *per_sample) -> (u, du_dt)``, the derivative along ``(dx, 1, 0)`` in
+            ``(x, t, r)``, without a graph; ``None``: ``torch.func.jvp`` of ``u_fn``.
+        tangent: the state's direction ``dx`` in the JVP: ``"conditional"`` (MeanFlow: the path's conditional
+            velocity ``v``) or ``"predicted"`` (improved MeanFlow, Geng et al. 2025b: the model's instantaneous
+            velocity ``u(x_t, t, t)``, one more graph-free forward of the ``r != t`` rows). The target's first
+            term stays ``v`` either way.
 
     Returns:
         ``(u, u_tgt)``, ``(B, ...)`` each: ``u`` with its graph, ``u_tgt`` detached.
     """
-
-    def rows(idx: Tensor | None):
-        if idx is None:
-            return x_t, t, r, v, per_sample
-        return x_t[idx], t[idx], r[idx], v[idx], tuple(None if c is None else c[idx] for c in per_sample)
-
-    def jvp_rows(idx: Tensor | None) -> tuple[Tensor, Tensor]:
-        x, tt, rr, vv, extra = rows(idx)
-        return meanflow_target(lambda x_, t_, r_: u_fn(x_, t_, r_, *extra), x, tt, rr, vv)
-
+    if tangent not in ("conditional", "predicted"):
+        raise ValueError(f"tangent must be 'conditional' or 'predicted', got {tangent!r}")
+    target = v.detach().clone()
     distinct = r != t
-    if bool(distinct.all()):
-        return jvp_rows(None)
-    if not bool(distinct.any()):
-        return u_fn(x_t, t, r, *per_sample), v.detach()
-    same, idx = (~distinct).nonzero().squeeze(1), distinct.nonzero().squeeze(1)
-    x, tt, rr, vv, extra = rows(same)
-    u_same = u_fn(x, tt, rr, *extra)
-    u_distinct, tgt_distinct = jvp_rows(idx)
-    back = torch.argsort(torch.cat([same, idx]))  # batch order from [same rows, distinct rows]
-    return torch.cat([u_same, u_distinct])[back], torch.cat([vv.to(tgt_distinct.dtype), tgt_distinct])[back].detach()
+    if bool(distinct.any()):
+        every = bool(distinct.all())
+        idx = None if every else distinct.nonzero().squeeze(1)
+
+        def rows(a: Tensor | None) -> Tensor | None:
+            return a if (every or a is None) else a[idx]
+
+        x, tt, rr, vv = rows(x_t), rows(t), rows(r), rows(v)
+        extra = tuple(rows(c) for c in per_sample)
+        with torch.no_grad():
+            # the state's direction of motion: the conditional velocity (MeanFlow), or the model's own estimate of
+            # the marginal velocity u(x_t, t, t) (improved MeanFlow's tangent)
+            dx = vv if tangent == "conditional" else u_fn(x, tt, tt, *extra).to(vv.dtype)
+            if jvp_fn is not None:
+                _, du_dt = jvp_fn(x, tt, rr, dx, *extra)
+            else:
+                _, du_dt = torch.func.jvp(lambda x_, t_: u_fn(x_, t_, rr, *extra), (x, tt), (dx, torch.ones_like(tt)))
+            tgt = vv + expand_like(rr - tt, vv) * du_dt.to(vv.dtype)
+        if every:
+            target = tgt
+        else:
+            target[idx] = tgt
+    return u_fn(x_t, t, r, *per_sample), target.detach()
 
 
 def sample_time_pairs(
@@ -189,6 +223,7 @@ class MeanFlowLoss:
         adaptive_p: power ``p`` of the adaptive weight (``0`` disables it: plain squared error).
         adaptive_c: the constant ``c > 0`` of the adaptive weight.
         r_time_sampler: a separate distribution of ``r`` (see :func:`sample_time_pairs`); ``None``: sorted pairs.
+        tangent: the JVP's state direction, ``"conditional"`` or ``"predicted"`` (see :func:`meanflow_prediction_and_target`).
     """
 
     def __init__(
@@ -200,7 +235,10 @@ class MeanFlowLoss:
         adaptive_p: float = 1.0,
         adaptive_c: float = 1e-3,
         r_time_sampler: TimeSampler | None = None,
+        tangent: str = "conditional",
     ):
+        if tangent not in ("conditional", "predicted"):
+            raise ValueError(f"tangent must be 'conditional' or 'predicted', got {tangent!r}")
         if not 0.0 <= distinct_fraction <= 1.0:
             raise ValueError(f"distinct_fraction must lie in [0, 1], got {distinct_fraction!r}")
         if adaptive_p < 0:
@@ -214,6 +252,7 @@ class MeanFlowLoss:
         self.adaptive_p = adaptive_p
         self.adaptive_c = adaptive_c
         self.r_time_sampler = r_time_sampler
+        self.tangent = tangent
 
     def sample_times(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``(n, 2)`` pairs ``(t, r)``, ``t <= r`` (see :func:`sample_time_pairs`)."""
@@ -228,12 +267,14 @@ class MeanFlowLoss:
         r: Tensor | None = None,
         generator: torch.Generator | None = None,
         conditioning: tuple[Tensor | None, ...] = (),
+        jvp_fn: AverageVelocityJvpFn | None = None,
     ) -> MeanFlowLossOutput:
         """Loss for data ``x_1`` ``(B, ...)``; noise ``x_0`` and times ``t <= r`` ``(B,)`` are drawn if not given.
 
         ``u_fn(x_t, t, r, *conditioning)`` returns the model's average velocity; ``conditioning`` holds its
         per-sample inputs ``(B, ...)`` (class labels, ...; ``None`` passes through), which are split with the
-        batch: the JVP runs on the ``r != t`` rows only (:func:`meanflow_prediction_and_target`).
+        batch: the JVP runs on the ``r != t`` rows only, without a graph, by ``jvp_fn`` if given
+        (:func:`meanflow_prediction_and_target`).
         The output's ``per_sample`` holds the weighted per-sample losses; the weights are not differentiated.
         """
         if x_0 is None:
@@ -246,7 +287,7 @@ class MeanFlowLoss:
             raise ValueError("MeanFlowLoss: every pair needs t <= r (flowlab time: the step goes from t towards data at r)")
         x_0, x_1 = self.coupling(x_0, x_1)
         s = self.path.sample(x_0, x_1, t.to(x_1.dtype))
-        u, u_tgt = meanflow_prediction_and_target(u_fn, s.x_t, s.t, r.to(x_1.dtype), s.dx_t, tuple(conditioning))
+        u, u_tgt = meanflow_prediction_and_target(u_fn, s.x_t, s.t, r.to(x_1.dtype), s.dx_t, tuple(conditioning), jvp_fn, self.tangent)
         sq = (u.float() - u_tgt.float()).pow(2).flatten(1).mean(1)
         weight = (sq.detach() + self.adaptive_c).pow(-self.adaptive_p) if self.adaptive_p > 0 else torch.ones_like(sq)
         per_sample = weight * sq

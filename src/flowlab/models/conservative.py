@@ -28,7 +28,7 @@ class ConservativeVelocity(MLPVelocity):
     diagnostics), and dropped otherwise.
 
     Args: as :class:`~flowlab.models.MLPVelocity` (``sample_shape``, ``hidden_dim``, ``depth``,
-        ``time_embed_dim``, ``num_classes``, ``dropout``).
+        ``time_embed_dim``, ``num_classes``, ``dropout``, ``time_embed_scale``).
     """
 
     @register_to_config
@@ -40,12 +40,21 @@ class ConservativeVelocity(MLPVelocity):
         time_embed_dim: int = 128,
         num_classes: int = 0,
         dropout: float = 0.0,
+        time_embed_scale: float = 1000.0,
     ):
-        super().__init__(sample_shape, hidden_dim, depth, time_embed_dim, num_classes, dropout)
+        super().__init__(sample_shape, hidden_dim, depth, time_embed_dim, num_classes, dropout, time_embed_scale=time_embed_scale)
         # the same trunk as MLPVelocity, projected to a scalar; no output biases: they shift phi
         # by a constant, get no gradient through grad_x phi, and would be "unused parameters" under DDP
         self.out_norm = nn.LayerNorm(hidden_dim, bias=False)
         self.out = nn.Linear(hidden_dim, 1, bias=False)
+
+    def supports_exact_jvp(self) -> bool:
+        """``False``: the velocity is a gradient, so :meth:`MLPVelocity.jvp` (the trunk's own derivative) does not
+        apply; use ``torch.func.jvp`` of :meth:`forward`."""
+        return False
+
+    def jvp(self, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__}.jvp: the velocity is grad_x of a potential; use torch.func.jvp of forward instead")
 
     def potential(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
         """The scalar ``phi(x, t, y)`` per sample, shape ``(B,)``."""

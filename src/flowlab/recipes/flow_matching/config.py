@@ -87,6 +87,7 @@ class MLPModelConfig(_ModelConfig):
     hidden_dim: int = field(default=256, metadata={"min": 1})
     depth: int = field(default=4, metadata={"min": 1})
     time_embed_dim: int = field(default=128, metadata={"min": 2})
+    time_embed_scale: float = field(default=1000.0, metadata={"min": 1e-6})  # features of scale * t (see MLPVelocity)
 
 
 @dataclass

@@ -53,7 +53,7 @@ def build_velocity_model(config: Config, sample_shape: tuple[int, ...], num_clas
 
 def _construct(m, common: dict) -> nn.Module:
     if m.type in ("mlp", "conservative"):  # conservative: v = grad_x of a scalar MLP of the same shape
-        model = MODEL_TYPES[m.type](hidden_dim=m.hidden_dim, depth=m.depth, time_embed_dim=m.time_embed_dim, **common)
+        model = MODEL_TYPES[m.type](hidden_dim=m.hidden_dim, depth=m.depth, time_embed_dim=m.time_embed_dim, time_embed_scale=m.time_embed_scale, **common)
     elif m.type == "unet":
         model = MODEL_TYPES["unet"](
             block_out_channels=tuple(m.block_out_channels),

@@ -25,6 +25,9 @@ class MeanFlowConfig:
     r_time_sampler: str = field(default="logit_normal", metadata=choices("uniform", "logit_normal"))  # with "separate"
     r_logit_mean: float = 4.0  # flowlab time; the authors' CIFAR-10 logit-normal(-4.0, 1.6) on their time
     r_logit_std: float = field(default=1.6, metadata={"min": 1e-6})
+    # the JVP's state direction: "conditional" = the path's velocity (MeanFlow); "predicted" = the model's own
+    # u(x_t, t, t) (improved MeanFlow); see flowlab.flow.meanflow.meanflow_prediction_and_target
+    tangent: str = field(default="conditional", metadata=choices("conditional", "predicted"))
 
 
 @dataclass

@@ -9,6 +9,8 @@ training step; the path, time sampler and coupling are the ``flow:`` section's, 
 """
 from __future__ import annotations
 
+import torch
+
 from ...errors import ConfigError
 from ...flow import MeanFlowLoss, build_time_sampler
 from ...train.config import Config
@@ -18,6 +20,27 @@ from ..flow_matching.recipe import FlowMatchingRecipe
 __all__ = ["MeanFlowRecipe"]
 
 
+def _bare(model):
+    """The network inside DDP / FSDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def _exact_jvp_fn(model):
+    """The network's written-out JVP along ``(dx, 1, 0)`` (``MLPVelocity.jvp``) where it applies, else ``None``
+    (the loss falls back to ``torch.func.jvp`` through the wrapper). A sharded network (FSDP) holds shards, not
+    its layers' full weights, outside its own forward, so it always takes the fallback."""
+    if "FullyShardedDataParallel" in type(model).__name__:
+        return None
+    net = _bare(model)
+    if not hasattr(net, "jvp") or not net.supports_exact_jvp():
+        return None
+    if any(type(p.data) is not torch.Tensor for p in net.parameters()):  # DTensor shards (FSDP2), ...
+        return None
+    return lambda x, t, r, dx, y: net.jvp(x, t, y, r, dx, torch.ones_like(t))
 
 
 class MeanFlowRecipe(FlowMatchingRecipe):
@@ -47,6 +70,7 @@ class MeanFlowRecipe(FlowMatchingRecipe):
             distinct_fraction=m.distinct_fraction,
             adaptive_p=m.adaptive_p,
             adaptive_c=m.adaptive_c,
+            tangent=m.tangent,
             r_time_sampler=(
                 build_time_sampler(m.r_time_sampler, mean=m.r_logit_mean, std=m.r_logit_std) if m.time_pairs == "separate" else None
             ),
@@ -55,6 +79,9 @@ class MeanFlowRecipe(FlowMatchingRecipe):
     def training_step(self, model, batch, ctx: StepContext) -> StepOutput:
         x1, labels, x0 = self.data_labels_noise(batch, ctx)
         t, r = ctx.draw(self.mean_flow_loss.sample_times).unbind(1)
-        # labels go in as a per-sample input: the loss runs the JVP on the r != t rows only
-        out = self.mean_flow_loss(lambda x, tt, rr, y: model(x, tt, y, r=rr), x1, x_0=x0, t=t, r=r, conditioning=(labels,))
+        # labels go in as a per-sample input: the loss runs the JVP on the r != t rows only, without a graph
+        # (so the bare network's own forward-mode derivative can stand in for torch.func.jvp: nothing to sync)
+        out = self.mean_flow_loss(
+            lambda x, tt, rr, y: model(x, tt, y, r=rr), x1, x_0=x0, t=t, r=r, conditioning=(labels,), jvp_fn=_exact_jvp_fn(model)
+        )
         return StepOutput(loss=out.loss, logs={"mean_flow_mse": out.squared_error.mean()})
