@@ -455,3 +455,65 @@ def test_meanflow_two_processes_match_one(tmp_path):
     l2 = [json.loads(x)["loss"] for x in open(two / "metrics.jsonl") if '"loss"' in x]
     assert len(l1) == len(l2) == 1
     torch.testing.assert_close(torch.tensor(l1), torch.tensor(l2), atol=1e-5, rtol=1e-4)
+
+
+def test_training_time_guidance_replaces_the_velocity_by_the_guided_one():
+    """v_g = omega v + kappa u(x,t,t|y) + (1 - omega - kappa) u(x,t,t|null) on rows with a real label, v on dropped rows;
+    the model's velocity at r = t comes from the forward already made, at r != t from a fresh u(x, t, t | y)."""
+    from flowlab.flow import MeanFlowGuidance
+
+    null = 3
+    calls = []
+
+    def u_fn(x, t, r, y):  # u = label + 10 (r - t): a different value at r != t than at r = t
+        calls.append(x.shape[0])
+        return (y.float() + 10 * (r - t))[:, None].expand_as(x).clone()
+
+    x, v = torch.zeros(6, 2), torch.arange(12.0).reshape(6, 2)
+    t = torch.full((6,), 0.3)
+    r = torch.tensor([0.3, 0.3, 0.8, 0.8, 0.3, 0.9])
+    y = torch.tensor([0, 1, 2, 1, null, null])
+    u = u_fn(x, t, r, y)
+    calls.clear()
+    g = MeanFlowGuidance(omega=1.5, kappa=0.25, null_label=null)
+    assert g.scale == 2.0 and g.active and not MeanFlowGuidance(1.0, 0.0, null).active
+    out = g.velocity(u_fn, x, t, r, v, (y,), u)
+    assert calls == [4, 2]  # the null-class forward of the 4 kept rows, u(x, t, t | y) of the 2 kept rows with r != t
+    expect = 1.5 * v[:4] + 0.25 * y[:4, None].float() + (1 - 1.5 - 0.25) * null
+    assert torch.allclose(out[:4], expect) and torch.equal(out[4:], v[4:])
+    with pytest.raises(ValueError, match="kappa"):
+        MeanFlowGuidance(1.0, 1.0, null)
+    with pytest.raises(ValueError, match="class labels"):
+        g.velocity(u_fn, x, t, r, v, (None,), u)
+
+
+def test_guided_loss_uses_the_guided_velocity_in_target_and_tangent():
+    """The loss with guidance equals the reference single-pass loss computed with v_g in place of v."""
+    from flowlab.flow import MeanFlowGuidance
+
+    torch.manual_seed(0)
+    model = _randomize(MLPVelocity(sample_shape=(1, 4, 4), hidden_dim=16, depth=2, time_embed_dim=8, num_classes=3, mean_flow=True))
+    g = torch.Generator().manual_seed(4)
+    x1, x0 = torch.randn(30, 1, 4, 4, generator=g), torch.randn(30, 1, 4, 4, generator=g)
+    labels = torch.randint(0, 4, (30,), generator=g)  # 3 = the null class
+    t, r = sample_time_pairs(LogitNormalTimeSampler(0.4, 1.0), 30, 0.5, g).unbind(1)
+    guidance = MeanFlowGuidance(omega=1.2, kappa=0.3, null_label=3)
+    u_fn = lambda x, tt, rr, y: model(x, tt, y, r=rr)  # noqa: E731
+    out = MeanFlowLoss(guidance=guidance)(u_fn, x1, x_0=x0, t=t, r=r, conditioning=(labels,))
+    s = LinearPath().sample(x0, x1, t)
+    with torch.no_grad():
+        v_g = guidance.velocity(u_fn, s.x_t, s.t, r, s.dx_t, (labels,), model(s.x_t, s.t, labels, r=r))
+    u, u_tgt = meanflow_target(lambda x, tt, rr: model(x, tt, labels, r=rr), s.x_t, s.t, r, v_g)
+    sq = (u - u_tgt).pow(2).flatten(1).mean(1)
+    ref = ((sq.detach() + 1e-3).pow(-1) * sq).mean()
+    assert torch.allclose(out.loss, ref, rtol=1e-5) and torch.allclose(out.squared_error, sq.detach(), rtol=1e-4)
+    plain = MeanFlowLoss()(u_fn, x1, x_0=x0, t=t, r=r, conditioning=(labels,))
+    assert not torch.allclose(out.squared_error, plain.squared_error, rtol=1e-2)  # guidance changed the target
+
+
+def test_guidance_config_errors_name_the_key(tmp_path):
+    for extra, key in ((["model.class_conditional=false"], "meanflow.guidance_omega"), (["model.label_dropout=0"], "model.label_dropout")):
+        cfg = load_config(None, tiny_overrides(tmp_path, "recipe=meanflow", "model.class_conditional=true", "sample.solver=meanflow",
+                                               "meanflow.guidance_omega=1.5", *extra))
+        with pytest.raises(ConfigError, match=key):
+            get_recipe(cfg)

@@ -18,7 +18,7 @@ from .guidance import guided_field
 from .likelihood import LikelihoodOutput, divergence, gaussian_log_density, log_likelihood
 from .losses import FlowMatchingLoss, LossOutput
 from .parameterization import PREDICTION_TYPES, convert, to_epsilon, to_score, to_velocity, to_x1
-from .meanflow import AverageVelocityFn, MeanFlowLoss, MeanFlowLossOutput, meanflow_target, sample_time_pairs
+from .meanflow import AverageVelocityFn, MeanFlowGuidance, MeanFlowLoss, MeanFlowLossOutput, meanflow_target, sample_time_pairs
 from .paths import PATHS, AffinePath, CosinePath, LinearPath, PathSample, VPPath, get_path
 from .sampling import SampleOutput, sample
 from .sde import MarginalSDE, diffusion_coefficient

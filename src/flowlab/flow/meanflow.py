@@ -74,6 +74,7 @@ from .time_samplers import TimeSampler, UniformTimeSampler
 __all__ = [
     "AverageVelocityFn",
     "AverageVelocityJvpFn",
+    "MeanFlowGuidance",
     "MeanFlowLoss",
     "MeanFlowLossOutput",
     "meanflow_prediction_and_target",
@@ -114,6 +115,77 @@ def meanflow_target(u_fn: AverageVelocityFn, x_t: Tensor, t: Tensor, r: Tensor, 
     return u, (v + expand_like(r - t, v) * du_dt).detach()
 
 
+def _take(a: Tensor | None, idx: Tensor | None) -> Tensor | None:
+    """Rows ``idx`` of a per-sample tensor (all rows for ``idx=None``; ``None`` stays ``None``)."""
+    return a if (idx is None or a is None) else a[idx]
+
+
+@dataclass(frozen=True)
+class MeanFlowGuidance:
+    """Classifier-free guidance built into training (MeanFlow, Geng et al. 2025, Sec. 4.2; the authors' JAX code,
+    ``meanflow.py`` ``guidance_fn`` and ``cond_drop``): the model learns the average velocity of the *guided*
+    field, so one network evaluation samples with guidance.
+
+    The velocity in the target and in the JVP's tangent is replaced by
+
+        v_g = omega * v + kappa * u(x_t, t, t | y) + (1 - omega - kappa) * u(x_t, t, t | null),
+
+    both ``u`` graph-free, on the rows whose label was kept; rows whose label was dropped to the null class keep
+    ``v`` (they learn the unguided field, which the guided one is built from). The guidance scale of the field
+    learnt is ``omega / (1 - kappa)``: ``omega = 1.5, kappa = 0`` and ``omega = 1, kappa = 1/3`` both aim at the
+    field of sampling-time CFG with ``w = 1.5``; ``omega = 1, kappa = 0`` is no guidance.
+
+    Args:
+        omega: weight of the sample's conditional velocity ``v``.
+        kappa: weight of the model's conditional velocity, in ``[0, 1)``.
+        null_label: the null class (label dropout's class).
+    """
+
+    omega: float
+    kappa: float
+    null_label: int
+
+    def __post_init__(self):
+        if not self.omega > 0:
+            raise ValueError(f"guidance omega must be > 0, got {self.omega!r}")
+        if not 0.0 <= self.kappa < 1.0:
+            raise ValueError(f"guidance kappa must lie in [0, 1), got {self.kappa!r}")
+
+    @property
+    def scale(self) -> float:
+        """The guidance scale of the learnt field, ``omega / (1 - kappa)``."""
+        return self.omega / (1.0 - self.kappa)
+
+    @property
+    def active(self) -> bool:
+        return not (self.omega == 1.0 and self.kappa == 0.0)
+
+    @torch.no_grad()
+    def velocity(
+        self, u_fn: AverageVelocityFn, x_t: Tensor, t: Tensor, r: Tensor, v: Tensor, per_sample: tuple[Tensor | None, ...], u: Tensor
+    ) -> Tensor:
+        """``v_g`` ``(B, ...)``, graph-free. ``per_sample[0]`` holds the class labels ``(B,)`` after label dropout;
+        ``u`` is the model's (detached) output at ``(x_t, t, r)``: at ``r = t`` it is ``u(x_t, t, t | y)`` already."""
+        if not per_sample or per_sample[0] is None:
+            raise ValueError("MeanFlowGuidance needs the class labels as the first per-sample input (a class-conditional model)")
+        labels = per_sample[0]
+        kept = (labels != self.null_label).nonzero().squeeze(1)
+        if not self.active or kept.numel() == 0:
+            return v
+        x, tt, vv = x_t[kept], t[kept], v[kept]
+        rest = tuple(_take(c, kept) for c in per_sample[1:])
+        v_g = self.omega * vv + (1.0 - self.omega - self.kappa) * u_fn(x, tt, tt, torch.full_like(labels[kept], self.null_label), *rest).to(v.dtype)
+        if self.kappa:
+            v_cond = u[kept].to(v.dtype).clone()
+            moved = (r[kept] != tt).nonzero().squeeze(1)  # rows where u was taken at r != t: evaluate u(x, t, t | y)
+            if moved.numel():
+                v_cond[moved] = u_fn(x[moved], tt[moved], tt[moved], labels[kept][moved], *(_take(c, moved) for c in rest)).to(v.dtype)
+            v_g = v_g + self.kappa * v_cond
+        out = v.clone()
+        out[kept] = v_g
+        return out
+
+
 def meanflow_prediction_and_target(
     u_fn: AverageVelocityFn,
     x_t: Tensor,
@@ -122,7 +194,7 @@ def meanflow_prediction_and_target(
     v: Tensor,
     per_sample: tuple[Tensor | None, ...] = (),
     jvp_fn: AverageVelocityJvpFn | None = None,
-    tangent: str = "conditional",
+    guidance: MeanFlowGuidance | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`meanflow_target` for a batch that mixes ``r != t`` and ``r = t`` pairs, computed in two passes:
 
@@ -145,41 +217,32 @@ def meanflow_prediction_and_target(
             with the rows; ``None`` entries are passed as ``None``.
         jvp_fn: ``jvp_fn(x, t, r, dx, *per_sample) -> (u, du_dt)``, the derivative along ``(dx, 1, 0)`` in
             ``(x, t, r)``, without a graph; ``None``: ``torch.func.jvp`` of ``u_fn``.
-        tangent: the state's direction ``dx`` in the JVP: ``"conditional"`` (MeanFlow: the path's conditional
-            velocity ``v``) or ``"predicted"`` (improved MeanFlow, Geng et al. 2025b: the model's instantaneous
-            velocity ``u(x_t, t, t)``, one more graph-free forward of the ``r != t`` rows). The target's first
-            term stays ``v`` either way.
+        guidance: training-time classifier-free guidance (:class:`MeanFlowGuidance`): ``v`` is replaced by the
+            guided velocity, in the target and in the JVP's tangent; ``per_sample[0]`` must be the class labels.
 
     Returns:
         ``(u, u_tgt)``, ``(B, ...)`` each: ``u`` with its graph, ``u_tgt`` detached.
     """
-    if tangent not in ("conditional", "predicted"):
-        raise ValueError(f"tangent must be 'conditional' or 'predicted', got {tangent!r}")
+    u = u_fn(x_t, t, r, *per_sample)
+    if guidance is not None and guidance.active:
+        v = guidance.velocity(u_fn, x_t, t, r, v, per_sample, u.detach())
     target = v.detach().clone()
     distinct = r != t
     if bool(distinct.any()):
-        every = bool(distinct.all())
-        idx = None if every else distinct.nonzero().squeeze(1)
-
-        def rows(a: Tensor | None) -> Tensor | None:
-            return a if (every or a is None) else a[idx]
-
-        x, tt, rr, vv = rows(x_t), rows(t), rows(r), rows(v)
-        extra = tuple(rows(c) for c in per_sample)
+        idx = None if bool(distinct.all()) else distinct.nonzero().squeeze(1)
+        x, tt, rr, vv = _take(x_t, idx), _take(t, idx), _take(r, idx), _take(v, idx)
+        extra = tuple(_take(c, idx) for c in per_sample)
         with torch.no_grad():
-            # the state's direction of motion: the conditional velocity (MeanFlow), or the model's own estimate of
-            # the marginal velocity u(x_t, t, t) (improved MeanFlow's tangent)
-            dx = vv if tangent == "conditional" else u_fn(x, tt, tt, *extra).to(vv.dtype)
             if jvp_fn is not None:
-                _, du_dt = jvp_fn(x, tt, rr, dx, *extra)
+                _, du_dt = jvp_fn(x, tt, rr, vv, *extra)
             else:
-                _, du_dt = torch.func.jvp(lambda x_, t_: u_fn(x_, t_, rr, *extra), (x, tt), (dx, torch.ones_like(tt)))
+                _, du_dt = torch.func.jvp(lambda x_, t_: u_fn(x_, t_, rr, *extra), (x, tt), (vv, torch.ones_like(tt)))
             tgt = vv + expand_like(rr - tt, vv) * du_dt.to(vv.dtype)
-        if every:
+        if idx is None:
             target = tgt
         else:
             target[idx] = tgt
-    return u_fn(x_t, t, r, *per_sample), target.detach()
+    return u, target.detach()
 
 
 def sample_time_pairs(
@@ -223,7 +286,8 @@ class MeanFlowLoss:
         adaptive_p: power ``p`` of the adaptive weight (``0`` disables it: plain squared error).
         adaptive_c: the constant ``c > 0`` of the adaptive weight.
         r_time_sampler: a separate distribution of ``r`` (see :func:`sample_time_pairs`); ``None``: sorted pairs.
-        tangent: the JVP's state direction, ``"conditional"`` or ``"predicted"`` (see :func:`meanflow_prediction_and_target`).
+        guidance: training-time classifier-free guidance (:class:`MeanFlowGuidance`); the first ``conditioning``
+            entry of each call must then be the class labels.
     """
 
     def __init__(
@@ -235,10 +299,8 @@ class MeanFlowLoss:
         adaptive_p: float = 1.0,
         adaptive_c: float = 1e-3,
         r_time_sampler: TimeSampler | None = None,
-        tangent: str = "conditional",
+        guidance: MeanFlowGuidance | None = None,
     ):
-        if tangent not in ("conditional", "predicted"):
-            raise ValueError(f"tangent must be 'conditional' or 'predicted', got {tangent!r}")
         if not 0.0 <= distinct_fraction <= 1.0:
             raise ValueError(f"distinct_fraction must lie in [0, 1], got {distinct_fraction!r}")
         if adaptive_p < 0:
@@ -252,7 +314,7 @@ class MeanFlowLoss:
         self.adaptive_p = adaptive_p
         self.adaptive_c = adaptive_c
         self.r_time_sampler = r_time_sampler
-        self.tangent = tangent
+        self.guidance = guidance
 
     def sample_times(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``(n, 2)`` pairs ``(t, r)``, ``t <= r`` (see :func:`sample_time_pairs`)."""
@@ -287,7 +349,7 @@ class MeanFlowLoss:
             raise ValueError("MeanFlowLoss: every pair needs t <= r (flowlab time: the step goes from t towards data at r)")
         x_0, x_1 = self.coupling(x_0, x_1)
         s = self.path.sample(x_0, x_1, t.to(x_1.dtype))
-        u, u_tgt = meanflow_prediction_and_target(u_fn, s.x_t, s.t, r.to(x_1.dtype), s.dx_t, tuple(conditioning), jvp_fn, self.tangent)
+        u, u_tgt = meanflow_prediction_and_target(u_fn, s.x_t, s.t, r.to(x_1.dtype), s.dx_t, tuple(conditioning), jvp_fn, self.guidance)
         sq = (u.float() - u_tgt.float()).pow(2).flatten(1).mean(1)
         weight = (sq.detach() + self.adaptive_c).pow(-self.adaptive_p) if self.adaptive_p > 0 else torch.ones_like(sq)
         per_sample = weight * sq

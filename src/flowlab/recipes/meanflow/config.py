@@ -25,9 +25,11 @@ class MeanFlowConfig:
     r_time_sampler: str = field(default="logit_normal", metadata=choices("uniform", "logit_normal"))  # with "separate"
     r_logit_mean: float = 4.0  # flowlab time; the authors' CIFAR-10 logit-normal(-4.0, 1.6) on their time
     r_logit_std: float = field(default=1.6, metadata={"min": 1e-6})
-    # the JVP's state direction: "conditional" = the path's velocity (MeanFlow); "predicted" = the model's own
-    # u(x_t, t, t) (improved MeanFlow); see flowlab.flow.meanflow.meanflow_prediction_and_target
-    tangent: str = field(default="conditional", metadata=choices("conditional", "predicted"))
+    # classifier-free guidance built into training (class-conditional models; MeanFlow Sec. 4.2, flowlab.flow.MeanFlowGuidance):
+    # v_g = omega v + kappa u(x, t, t | y) + (1 - omega - kappa) u(x, t, t | null); learnt scale omega / (1 - kappa);
+    # omega = 1, kappa = 0: none
+    guidance_omega: float = field(default=1.0, metadata={"min": 1e-6})
+    guidance_kappa: float = field(default=0.0, metadata={"min": 0.0, "max": 0.999})
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import ConfigError
-from ...flow import MeanFlowLoss, build_time_sampler
+from ...flow import MeanFlowGuidance, MeanFlowLoss, build_time_sampler
 from ...train.config import Config
 from ...train.recipe import StepContext, StepOutput
 from ..flow_matching.recipe import FlowMatchingRecipe
@@ -62,6 +62,15 @@ class MeanFlowRecipe(FlowMatchingRecipe):
             )
         super().__init__(config)
         m = config.meanflow
+        self.guided = (m.guidance_omega, m.guidance_kappa) != (1.0, 0.0)
+        if self.guided:
+            if not config.model.class_conditional:
+                raise ConfigError(
+                    "meanflow.guidance_omega / meanflow.guidance_kappa: training-time guidance needs a class-conditional model "
+                    "(model.class_conditional: true); set them to 1.0 / 0.0 for an unconditional one"
+                )
+            if not config.model.label_dropout > 0:
+                raise ConfigError("model.label_dropout: training-time guidance needs the null class trained; set it > 0 (the paper uses 0.1)")
         fm = self.loss  # the flow-matching loss built from flow.*: MeanFlow shares its path, time sampler and coupling
         self.mean_flow_loss = MeanFlowLoss(
             path=fm.path,
@@ -70,11 +79,17 @@ class MeanFlowRecipe(FlowMatchingRecipe):
             distinct_fraction=m.distinct_fraction,
             adaptive_p=m.adaptive_p,
             adaptive_c=m.adaptive_c,
-            tangent=m.tangent,
             r_time_sampler=(
                 build_time_sampler(m.r_time_sampler, mean=m.r_logit_mean, std=m.r_logit_std) if m.time_pairs == "separate" else None
             ),
         )
+
+    def build_model(self, dataset):
+        model = super().build_model(dataset)  # sets num_classes: the null class is the last label
+        if self.guided:
+            m = self.config.meanflow
+            self.mean_flow_loss.guidance = MeanFlowGuidance(omega=m.guidance_omega, kappa=m.guidance_kappa, null_label=self.num_classes)
+        return model
 
     def training_step(self, model, batch, ctx: StepContext) -> StepOutput:
         x1, labels, x0 = self.data_labels_noise(batch, ctx)
