@@ -437,7 +437,7 @@ def train_pipeline(args, workdir: Path) -> Path:
 
 
 def sample_fd(pipe, evaluator, latents, labels, solver: str, steps: int, shift: float | None, batch: int,
-              reference: torch.Tensor | None = None) -> tuple[dict[str, Any], torch.Tensor]:
+              reference: torch.Tensor | None = None, guidance_scale: float | None = None) -> tuple[dict[str, Any], torch.Tensor]:
     t0 = time.perf_counter()
     chunks, nfes = [], []
     via = "pipeline"
@@ -445,7 +445,7 @@ def sample_fd(pipe, evaluator, latents, labels, solver: str, steps: int, shift: 
         lat, lab = latents[i : i + batch], labels[i : i + batch]
         try:
             out = pipe(batch_size=lat.shape[0], num_inference_steps=steps, solver=solver, shift=shift, class_labels=lab,
-                       latents=lat, output_type="pt")
+                       latents=lat, output_type="pt", guidance_scale=guidance_scale)
             images, nfe = out.images, out.nfe
         except ValueError as e:
             # FlowPipeline.__call__ before b261f52 passed total=None to diffusers' progress_bar for
@@ -461,7 +461,8 @@ def sample_fd(pipe, evaluator, latents, labels, solver: str, steps: int, shift: 
     seconds = time.perf_counter() - t0
     images = torch.cat(chunks)
     ev = evaluator.evaluate(images, value_range="unit")
-    row = {"solver": solver, "steps": steps, "shift": 1.0 if shift is None else shift, "nfe": max(nfes), "nfe_per_batch": nfes,
+    row = {"solver": solver, "steps": steps, "shift": 1.0 if shift is None else shift, "guidance_scale": guidance_scale or 1.0,
+           "nfe": max(nfes), "nfe_per_batch": nfes,
            "fd": ev["fd"], "confidence": ev["confidence"], "num_nonfinite": ev["num_nonfinite"], "seconds": seconds, "via": via}
     if reference is not None:
         # RMS distance (pixels in [0, 1]) to the adaptive solution from the same noise: the ODE error itself

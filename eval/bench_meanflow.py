@@ -182,20 +182,24 @@ def _timing(run: dict[str, Any]) -> str:
     return f"{run['wall_seconds']:.0f} s wall / {run['cpu_seconds']:.0f} s CPU"
 
 
-def score(args, pipeline: str, cells: list[tuple[str, int, float | None]], evaluator, latents, labels) -> dict[str, dict[str, Any]]:
-    """FD of each ``(solver, nfe, shift)`` cell; ``shift=None`` is the saved pipeline's own time grid (its
-    scheduler's ``shift``, what a user of the pipeline gets), keyed ``solver-nfe``; others ``solver-nfe-shiftS``."""
+def score(args, pipeline: str, cells: list[tuple], evaluator, latents, labels) -> dict[str, dict[str, Any]]:
+    """FD of each ``(solver, nfe, shift[, guidance_scale])`` cell; ``shift=None`` is the saved pipeline's own time
+    grid (its scheduler's ``shift``, what a user of the pipeline gets), keyed ``solver-nfe``; others
+    ``solver-nfe-shiftS``; a sampling-time guidance scale other than 1 adds ``-cfgW``. ``nfe`` counts evaluations of
+    the sampled field; with sampling-time CFG each one runs the network on the conditional and the null batch
+    (two network evaluations per sample)."""
     from flowlab import FlowPipeline
 
     sample_fd = _bench_core().sample_fd
     pipe = FlowPipeline.from_pretrained(pipeline)
     pipe.set_progress_bar_config(disable=True)
     out = {}
-    for solver, nfe, shift in cells:
-        row, _ = sample_fd(pipe, evaluator, latents, labels, solver, nfe, shift, 500)
+    for solver, nfe, shift, *w in cells:
+        w = w[0] if w else None
+        row, _ = sample_fd(pipe, evaluator, latents, labels, solver, nfe, shift, 500, guidance_scale=w)
         row["shift"] = pipe.scheduler.config.shift if shift is None else shift  # the grid actually used
-        key = f"{solver}-{nfe}" if shift is None else f"{solver}-{nfe}-shift{shift:g}"
-        out[key] = {k: row[k] for k in ("solver", "steps", "shift", "nfe", "fd", "confidence", "num_nonfinite", "seconds")}
+        key = (f"{solver}-{nfe}" if shift is None else f"{solver}-{nfe}-shift{shift:g}") + ("" if w in (None, 1.0) else f"-cfg{w:g}")
+        out[key] = {k: row[k] for k in ("solver", "steps", "shift", "guidance_scale", "nfe", "fd", "confidence", "num_nonfinite", "seconds")}
     return out
 
 
@@ -227,6 +231,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"CPU per step, ratio {ratio:.2f} -> MeanFlow trains {mf_steps} steps for the standard {fm_steps}", flush=True)
 
     evaluator = DigitsEvaluator.load()
+    mf_cfg = load_config(args.mf_config)
+    w_mf = mf_cfg.meanflow.guidance_omega / (1.0 - mf_cfg.meanflow.guidance_kappa)  # the guidance scale MeanFlow learns
+    # like for like: the standard model's Euler-32 with sampling-time CFG at that scale (two network evaluations a step)
+    guided_cells = [("euler", 32, None, w_mf)] if w_mf != 1.0 else []
     n = args.num_samples
     labels = torch.arange(n) % 10
     runs = []
@@ -239,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         shape = (n, *FlowPipeline.from_pretrained(std["pipeline"]).velocity_model.sample_shape)
         latents = torch.randn(shape, generator=torch.Generator().manual_seed(args.noise_seed + seed))
-        std["fd"] = score(args, std["pipeline"], STANDARD_CELLS, evaluator, latents, labels)
+        std["fd"] = score(args, std["pipeline"], STANDARD_CELLS + guided_cells, evaluator, latents, labels)
         mf["fd"] = score(args, mf["pipeline"], MEANFLOW_CELLS, evaluator, latents, labels)
         ref = std["fd"]["euler-32"]["fd"]
         row = {
@@ -250,6 +258,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "meanflow_1nfe_fd": mf["fd"]["meanflow-1"]["fd"],
             "meanflow_2nfe_fd": mf["fd"]["meanflow-2"]["fd"],
         }
+        if guided_cells:
+            row["meanflow_guidance_scale"] = w_mf
+            row["standard_euler32_same_cfg_fd"] = std["fd"][f"euler-32-cfg{w_mf:g}"]["fd"]
         row["target_2nfe_no_worse"] = row["meanflow_2nfe_fd"] <= ref
         row["target_1nfe_within_1.5x"] = row["meanflow_1nfe_fd"] <= 1.5 * ref
         runs.append(row)
@@ -260,9 +271,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             + f", MeanFlow 2-NFE uniform grid {mf['fd']['meanflow-2-shift1']['fd']:.2f}, euler-32 {mf['fd']['euler-32-shift1']['fd']:.2f}",
             flush=True,
         )
-    summary = {
-        key: _mean_sd([r[key] for r in runs]) for key in ("standard_euler32_fd", "meanflow_1nfe_fd", "meanflow_2nfe_fd")
-    }
+    keys = ("standard_euler32_fd", "meanflow_1nfe_fd", "meanflow_2nfe_fd") + (("standard_euler32_same_cfg_fd",) if guided_cells else ())
+    summary = {key: _mean_sd([r[key] for r in runs]) for key in keys}
     ref = summary["standard_euler32_fd"]["mean"]
     summary["target_2nfe_no_worse"] = summary["meanflow_2nfe_fd"]["mean"] <= ref
     summary["target_1nfe_within_1.5x"] = summary["meanflow_1nfe_fd"]["mean"] <= 1.5 * ref

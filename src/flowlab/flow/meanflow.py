@@ -38,7 +38,8 @@ graph-free JVP of a quarter of the batch. A model may supply its own forward-mod
 (``jvp_fn``; :meth:`flowlab.models.MLPVelocity.jvp` is written out layer by layer and costs half of
 ``torch.func.jvp`` on that network). The paper trains with a fraction of
 ``r != t`` pairs (``distinct_fraction``, 25% in its ImageNet ablation, 75% in the authors' CIFAR-10
-script) and the adaptive weight ``w = 1 / (||u - u_tgt||^2 + c)^p`` (stop-gradient; ``p = 1``, ``c = 1e-3``).
+script) and the adaptive weight ``w = 1 / (||u - u_tgt||^2 + c)^p`` (stop-gradient; ``p = 1``, ``c = 1e-3``;
+the JAX code's ``c`` is ``0.01`` on the sum over pixels).
 
 **Time pairs** (:func:`sample_time_pairs`): either two draws of one sampler, sorted (the paper's
 description), or, with a separate sampler for ``r``, the authors' code's ``tr_sampler v1``: ``t`` and
@@ -46,6 +47,10 @@ description), or, with a separate sampler for ``r``, the authors' code's ``tr_sa
 ``r = max(t, r)``. Their CIFAR-10 values, ``t ~ logit-normal(-0.6, 1.6)`` and ``r ~ logit-normal(-4, 1.6)``
 on their time (noise at 1), are ``t ~ logit-normal(0.6, 1.6)`` and ``r ~ logit-normal(4, 1.6)`` here
 (``logit(1 - t) = -logit(t)``).
+
+**Guidance in training** (:class:`MeanFlowGuidance`, the paper's Sec. 4.2): for class-conditional models the
+velocity in the target and in the tangent becomes the guided ``v_g``, so that one evaluation of the
+trained model samples with classifier-free guidance.
 
 =====================  =========================================  ================================
 setting                paper (ImageNet 256)                       here (default)
@@ -56,6 +61,8 @@ fraction r != t        25% (ablated 0-100%)                       ``distinct_fra
 adaptive weight p, c   p = 1, c = 1e-3                            ``adaptive_p=1``, ``adaptive_c=1e-3``
 ||.||^2                squared error of the sample                mean over dimensions (as ``FlowMatchingLoss``)
 network time inputs    (t, t - r)                                 (t, r - t): the same up to sign
+guidance (omega,       the JAX code's default omega 1, kappa 0.5  none (``guidance=None``); the recipe's
+kappa)                 (learnt scale 2)                           ``meanflow.guidance_omega/kappa``
 =====================  =========================================  ================================
 """
 from __future__ import annotations
