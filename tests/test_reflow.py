@@ -186,3 +186,38 @@ def test_config_errors_name_the_key(teacher, tmp_path):
     recipe = get_recipe(_reflow_config(tmp_path / "i", teacher, "flow.prediction_type=x1"))
     with pytest.raises(ConfigError, match=r"flow\.prediction_type: .*teacher's weights, which predict 'velocity'"):
         recipe.build_model(recipe.build_dataset())
+
+
+# --------------------------------------------------------------------------- the benchmark's opt-in reflow route
+
+
+def test_bench_meanflow_reflow_route(tmp_path):
+    """``eval/bench_meanflow.py --reflow-steps``: the student of each seed's standard model is scored at Euler-1/2/32 in
+    the same JSON, with its extra cost (pairs + training CPU-s). FDs of the tiny models are not asserted."""
+    import importlib.util
+    import json
+    import math
+    from pathlib import Path
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("flowlab_eval_bench_meanflow_reflow", Path(ROOT) / "eval" / "bench_meanflow.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "mf.json"
+    bench.main(["--quick", "--seeds", "0", "--num-samples", "100", "--probe-steps", "2", "--probe-repeats", "1", "--reflow-steps", "4",
+                "--workdir", str(tmp_path / "runs"), "--json", str(out)])
+    saved = json.loads(out.read_text())
+    (run,) = saved["runs"]
+    rf = run["reflow"]
+    assert saved["reflow_steps"] == 4 and rf["steps"] == 4 and rf["pairs"]["num_pairs"] == 256
+    assert {k: rf["fd"][k]["nfe"] for k in ("euler-1", "euler-2", "euler-32")} == {"euler-1": 1, "euler-2": 2, "euler-32": 32}
+    assert run["reflow_euler2_fd"] == rf["fd"]["euler-2"]["fd"] and all(math.isfinite(c["fd"]) for c in rf["fd"].values())
+    assert rf["pairs"]["cpu_seconds"] > 0 and rf["cpu_seconds"] > 0
+    assert run["reflow_extra_cpu_seconds"] == pytest.approx(rf["pairs"]["cpu_seconds"] + rf["cpu_seconds"])
+    # the student is the standard model of the same seed, distilled
+    import yaml
+
+    cfg = yaml.safe_load((Path(rf["pipeline"]).parent / "config.yaml").read_text())
+    assert cfg["recipe"] == "reflow" and cfg["reflow"]["teacher"] == run["standard"]["pipeline"] and cfg["seed"] == 0
+    assert {"reflow_euler1_fd", "reflow_euler2_fd", "reflow_euler32_fd", "reflow_extra_cpu_seconds"} <= set(saved["summary"])
