@@ -171,8 +171,15 @@ def test_config_errors_name_the_key(teacher, tmp_path):
         Trainer(_reflow_config(tmp_path / "b", str(tmp_path / "nowhere")))
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "model_index.json").write_text("{}")
-    with pytest.raises(ConfigError, match=r"reflow\.teacher: cannot load a FlowPipeline"):
+    with pytest.raises(ConfigError, match=r"reflow\.teacher: cannot load a FlowPipeline from .*junk.*lacks the key '_class_name'"):
         Trainer(_reflow_config(tmp_path / "c", str(tmp_path / "junk")))
+    from flowlab.models import MLPVelocity
+    from flowlab.pipelines import FlowScheduler
+
+    mf = tmp_path / "meanflow"
+    FlowPipeline(MLPVelocity(sample_shape=(1, 8, 8), hidden_dim=8, depth=1, time_embed_dim=4, mean_flow=True), FlowScheduler(mean_flow=True)).save_pretrained(mf)
+    with pytest.raises(ConfigError, match=r"reflow\.teacher: .* holds a MeanFlow model"):
+        Trainer(_reflow_config(tmp_path / "mf", str(mf)))
     with pytest.raises(ConfigError, match=r"reflow\.teacher: cannot load a FlowPipeline"):  # a run folder, not its pipeline
         Trainer(_reflow_config(tmp_path / "d", os.path.dirname(teacher)))
     with pytest.raises(ConfigError, match=r"flow\.coupling"):
@@ -221,3 +228,29 @@ def test_bench_meanflow_reflow_route(tmp_path):
     cfg = yaml.safe_load((Path(rf["pipeline"]).parent / "config.yaml").read_text())
     assert cfg["recipe"] == "reflow" and cfg["reflow"]["teacher"] == run["standard"]["pipeline"] and cfg["seed"] == 0
     assert {"reflow_euler1_fd", "reflow_euler2_fd", "reflow_euler32_fd", "reflow_extra_cpu_seconds"} <= set(saved["summary"])
+
+
+def test_two_processes_draw_the_pairs_once_and_train_as_one(teacher, tmp_path):
+    """Under two gloo processes the main process draws and writes the pairs, the other reads them; the run matches a
+    one-process run (same pairs, same weights)."""
+    import sys
+
+    from conftest import launch_two_cpu_processes, run_checked
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra = ["recipe=reflow", f"reflow.teacher={teacher}", "reflow.num_pairs=64", "reflow.teacher_steps=4", "train.max_steps=6",
+             "train.checkpoint_every=6", *TINY_MLP]
+    run_checked([sys.executable, "train.py", *tiny_overrides(one, *extra)])
+    log = launch_two_cpu_processes(*tiny_overrides(two, *extra))
+    assert "2 process(es) [MULTI_CPU]" in log, log[-2000:]
+    p1, p2 = load_file(one / PAIRS_FILE), load_file(two / PAIRS_FILE)
+    assert p1.keys() == p2.keys() == {"x0", "x1", "labels"} and all(torch.equal(p1[k], p2[k]) for k in p1)
+    w1, w2 = _weights(one / "pipeline"), _weights(two / "pipeline")
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4)
+
+
+def test_card_names_a_hub_teacher_as_base_model(tmp_path):
+    recipe = get_recipe(load_config(None, tiny_overrides(tmp_path / "run", "recipe=reflow", "reflow.teacher=someone/digits-flow", *TINY_MLP)))
+    recipe.num_classes, recipe.kind = 10, "image"  # what build_model sets
+    assert recipe.card_data("me/reflowed")["base_model"] == "someone/digits-flow"

@@ -23,6 +23,7 @@ import os
 
 import torch
 
+from ...card_data import looks_like_repo_id
 from ...errors import ConfigError
 from ...train.config import Config
 from ..flow_matching.recipe import FlowMatchingRecipe, build_velocity_model
@@ -123,3 +124,10 @@ class ReflowRecipe(FlowMatchingRecipe):
         is drawn, keeping the step's random stream in flow matching's order, and replaced by the pair's ``x0``)."""
         x1, labels, _ = super().data_labels_noise(batch, ctx)
         return x1, labels, batch["x0"].to(x1.dtype)
+
+    def card_data(self, repo_id: str) -> dict:
+        """Flow matching's card fields; a teacher on the Hub is the card's ``base_model`` (unless ``model.pretrained`` is)."""
+        data = super().card_data(repo_id)
+        if "base_model" not in data and looks_like_repo_id(self.config.reflow.teacher):
+            data["base_model"] = self.config.reflow.teacher
+        return data
