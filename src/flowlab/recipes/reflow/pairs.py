@@ -28,6 +28,7 @@ __all__ = ["ReflowPairs", "load_teacher", "teacher_fingerprint", "generate_pairs
 
 #: The cache of a run's pairs, in its output folder.
 PAIRS_FILE = "reflow_pairs.safetensors"
+TEACHER_REQUIRED = "reflow.teacher: required: the FlowPipeline folder to distil (e.g. runs/quickstart/pipeline)"
 
 
 class ReflowPairs(InMemoryDataset):
@@ -62,7 +63,7 @@ def load_teacher(reference: str | None) -> FlowPipeline:
         ConfigError: naming ``reflow.teacher``: not set, missing, not a ``FlowPipeline``, or a MeanFlow model.
     """
     if not reference:
-        raise ConfigError("reflow.teacher: required: the FlowPipeline folder to distil (e.g. runs/quickstart/pipeline)")
+        raise ConfigError(TEACHER_REQUIRED)
     try:
         pipe = FlowPipeline.from_pretrained(reference)
     except (OSError, ValueError, KeyError, AttributeError) as e:  # no folder / repo, or a folder of something else

@@ -27,7 +27,7 @@ from ...card_data import looks_like_repo_id
 from ...errors import ConfigError
 from ...train.config import Config
 from ..flow_matching.recipe import FlowMatchingRecipe, build_velocity_model
-from .pairs import PAIRS_FILE, ReflowPairs, generate_pairs, load_or_generate_pairs, load_teacher, teacher_fingerprint
+from .pairs import PAIRS_FILE, TEACHER_REQUIRED, ReflowPairs, generate_pairs, load_or_generate_pairs, load_teacher, teacher_fingerprint
 
 __all__ = ["ReflowRecipe"]
 
@@ -46,7 +46,7 @@ class ReflowRecipe(FlowMatchingRecipe):
                 f"flow.coupling: the teacher's pairs are reflow's coupling (noise and sample are not re-paired); set it to 'independent', got {f.coupling!r}"
             )
         if not config.reflow.teacher:
-            raise ConfigError("reflow.teacher: required: the FlowPipeline folder to distil (e.g. runs/quickstart/pipeline)")
+            raise ConfigError(TEACHER_REQUIRED)
         super().__init__(config)
         self._teacher = None
 
