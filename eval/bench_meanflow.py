@@ -49,7 +49,7 @@ from typing import Any
 RUNTIME = """Runtime (the shared 2-core CPU, OMP_NUM_THREADS=1): the default (3 seeds) trains the quickstart and the
 MeanFlow model per seed, about 15 min of CPU in all on a quiet machine (143-154 CPU-s per standard run,
 136-139 per MeanFlow run; 12-15 min of wall time per run at a load average of 10-13). --reflow-steps 1000 adds
-about 80 CPU-s per seed (configs/reflow_digits.yaml: 10,000 heun-16 teacher pairs, about 30 s, then the training)."""
+about 95 CPU-s per seed (configs/reflow_digits.yaml: 10,000 guided heun-16 teacher pairs, about 50 s, then the training)."""
 
 import torch
 
