@@ -23,6 +23,14 @@ through ``FlowPipeline`` (saved and re-loaded with ``from_pretrained``), and Eul
 instantaneous velocity ``u(x, t, t)``; 2-NFE MeanFlow is scored on the pipeline's own grid (its config's
 ``sample.shift``) and on the uniform one. Targets: MeanFlow 2-NFE FD <= standard Euler-32 FD, and
 1-NFE FD <= 1.5 x standard Euler-32 FD, per seed and on the mean over seeds.
+
+**Reflow** (opt-in, ``--reflow-steps N``): a second few-step route. Per seed, once the standard model is trained,
+``configs/reflow_digits.yaml`` (``recipe: reflow``) distils it in the same process: its teacher pairs are drawn (timed
+on their own), then a student that starts from the standard model trains ``N`` steps on them; the student is scored
+at Euler-1, Euler-2 and Euler-32 from the same noise and labels. Its cost is *extra* to the standard model's (pair
+generation CPU-s + reflow training CPU-s, both recorded), not matched to it.
+
+    python eval/bench_meanflow.py --seeds 0,1,2 --reflow-steps 1000 --json bench_meanflow_reflow.json
 """
 from __future__ import annotations
 
@@ -40,7 +48,8 @@ from typing import Any
 
 RUNTIME = """Runtime (the shared 2-core CPU, OMP_NUM_THREADS=1): the default (3 seeds) trains the quickstart and the
 MeanFlow model per seed, about 15 min of CPU in all on a quiet machine (143-154 CPU-s per standard run,
-136-139 per MeanFlow run; 12-15 min of wall time per run at a load average of 10-13)."""
+136-139 per MeanFlow run; 12-15 min of wall time per run at a load average of 10-13). --reflow-steps 1000 adds
+about 95 CPU-s per seed (configs/reflow_digits.yaml: 10,000 guided heun-16 teacher pairs, about 50 s, then the training)."""
 
 import torch
 
@@ -63,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=RUNTIME, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fm-config", default=str(REPO / "configs" / "quickstart.yaml"), help="the standard model's config")
     p.add_argument("--mf-config", default=str(REPO / "configs" / "meanflow_digits.yaml"), help="the MeanFlow model's config")
+    p.add_argument("--reflow-config", default=str(REPO / "configs" / "reflow_digits.yaml"), help="the reflow student's config (with --reflow-steps)")
+    p.add_argument("--reflow-steps", type=int, default=None,
+                   help="also reflow each seed's standard model for this many steps and score the student (default: off)")
     p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="training seeds (each trains both models)")
     p.add_argument("--fm-steps", type=int, default=None, help="standard model's steps (default: its config's train.max_steps)")
     p.add_argument("--mf-steps", type=int, default=None, help="MeanFlow steps (default: equal compute from the measured cost ratio)")
@@ -77,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="score runs already in --workdir (<standard|meanflow>-<seed>/, same seed and steps) instead of training them")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
-    for key in ("fm_steps", "mf_steps", "probe_steps", "probe_repeats", "num_samples"):
+    for key in ("fm_steps", "mf_steps", "reflow_steps", "probe_steps", "probe_repeats", "num_samples"):
         v = getattr(args, key)
         if v is not None and v < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1, got {v}")
@@ -176,6 +188,30 @@ def train(args, cfg_path: str, output_dir: Path, seed: int, steps: int | None) -
     return {"steps": cfg.train.max_steps, "wall_seconds": time.perf_counter() - w0, "cpu_seconds": _cpu_seconds() - c0, "pipeline": str(output_dir / "pipeline")}
 
 
+def train_reflow(args, teacher: str, output_dir: Path, seed: int) -> dict[str, Any]:
+    """Reflow ``teacher`` (a pipeline folder) with ``--reflow-config`` for ``--reflow-steps`` steps: the pairs first
+    (timed on their own, written to the run folder), then the trainer (which reuses them)."""
+    from flowlab.recipes import Trainer, load_config
+    from flowlab.recipes.reflow.pairs import PAIRS_FILE
+    from flowlab.train.recipe import get_recipe
+
+    over = _overrides(args, output_dir, seed, args.reflow_steps) + [f"reflow.teacher={teacher}"]
+    if args.quick:
+        over.append("reflow.num_pairs=256")
+    cfg = load_config(args.reflow_config, over)
+    (output_dir / PAIRS_FILE).unlink(missing_ok=True)  # an earlier run's pairs would hide their cost
+    w0, c0 = time.perf_counter(), _cpu_seconds()
+    get_recipe(cfg).build_dataset()
+    pairs = {"num_pairs": cfg.reflow.num_pairs, "teacher_solver": cfg.reflow.teacher_solver, "teacher_steps": cfg.reflow.teacher_steps,
+             "teacher_guidance_scale": cfg.reflow.teacher_guidance_scale,
+             "wall_seconds": time.perf_counter() - w0, "cpu_seconds": _cpu_seconds() - c0}
+    w0, c0 = time.perf_counter(), _cpu_seconds()
+    Trainer(cfg).train()
+    wall, cpu = time.perf_counter() - w0, _cpu_seconds() - c0
+    return {"steps": cfg.train.max_steps, "pairs": pairs, "wall_seconds": wall, "cpu_seconds": cpu,
+            "extra_cpu_seconds": pairs["cpu_seconds"] + cpu, "pipeline": str(output_dir / "pipeline")}
+
+
 def _timing(run: dict[str, Any]) -> str:
     if run.get("reused"):
         return "reused (trained before this run)"
@@ -207,6 +243,8 @@ STANDARD_CELLS = [("euler", 32, None), ("euler", 1, None), ("euler", 2, None), (
 #: the pipeline's own grid at 1 and 2 NFE (the targets), 2 NFE on the uniform grid 0 -> 1/2 -> 1 for comparison,
 #: and Euler-32 of u(x, t, t) on the uniform grid (how good the model is as a plain velocity model)
 MEANFLOW_CELLS = [("meanflow", 1, None), ("meanflow", 2, None), ("meanflow", 2, 1.0), ("euler", 32, 1.0)]
+#: the reflow student at the few-step budgets and at Euler-32 (how good it is as a plain velocity model)
+REFLOW_CELLS = [("euler", 1, None), ("euler", 2, None), ("euler", 32, None)]
 
 
 def _mean_sd(xs: list[float]) -> dict[str, float]:
@@ -249,6 +287,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         latents = torch.randn(shape, generator=torch.Generator().manual_seed(args.noise_seed + seed))
         std["fd"] = score(args, std["pipeline"], STANDARD_CELLS + guided_cells, evaluator, latents, labels)
         mf["fd"] = score(args, mf["pipeline"], MEANFLOW_CELLS, evaluator, latents, labels)
+        if args.reflow_steps:
+            rf = train_reflow(args, std["pipeline"], workdir / f"reflow-{seed}", seed)
+            rf["fd"] = score(args, rf["pipeline"], REFLOW_CELLS, evaluator, latents, labels)
         ref = std["fd"]["euler-32"]["fd"]
         row = {
             "seed": seed,
@@ -261,6 +302,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if guided_cells:
             row["meanflow_guidance_scale"] = w_mf
             row["standard_euler32_same_cfg_fd"] = std["fd"][f"euler-32-cfg{w_mf:g}"]["fd"]
+        if args.reflow_steps:
+            row |= {"reflow": rf, "reflow_euler1_fd": rf["fd"]["euler-1"]["fd"], "reflow_euler2_fd": rf["fd"]["euler-2"]["fd"],
+                    "reflow_euler32_fd": rf["fd"]["euler-32"]["fd"], "reflow_extra_cpu_seconds": rf["extra_cpu_seconds"]}
         row["target_2nfe_no_worse"] = row["meanflow_2nfe_fd"] <= ref
         row["target_1nfe_within_1.5x"] = row["meanflow_1nfe_fd"] <= 1.5 * ref
         runs.append(row)
@@ -271,7 +315,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             + f", MeanFlow 2-NFE uniform grid {mf['fd']['meanflow-2-shift1']['fd']:.2f}, euler-32 {mf['fd']['euler-32-shift1']['fd']:.2f}",
             flush=True,
         )
+        if args.reflow_steps:
+            share = f" = {rf['extra_cpu_seconds'] / std['cpu_seconds']:.2f}x the standard model's training" if std.get("cpu_seconds") else ""
+            print(
+                f"seed {seed}: reflow {rf['steps']} steps on {rf['pairs']['num_pairs']} pairs | extra cost: pairs {rf['pairs']['cpu_seconds']:.0f} CPU-s "
+                f"+ training {rf['cpu_seconds']:.0f} CPU-s{share} | FD euler-1 {row['reflow_euler1_fd']:.3f}, euler-2 {row['reflow_euler2_fd']:.3f}, "
+                f"euler-32 {row['reflow_euler32_fd']:.3f}",
+                flush=True,
+            )
     keys = ("standard_euler32_fd", "meanflow_1nfe_fd", "meanflow_2nfe_fd") + (("standard_euler32_same_cfg_fd",) if guided_cells else ())
+    if args.reflow_steps:
+        keys += ("reflow_euler1_fd", "reflow_euler2_fd", "reflow_euler32_fd", "reflow_extra_cpu_seconds")
     summary = {key: _mean_sd([r[key] for r in runs]) for key in keys}
     ref = summary["standard_euler32_fd"]["mean"]
     summary["target_2nfe_no_worse"] = summary["meanflow_2nfe_fd"]["mean"] <= ref
@@ -281,6 +335,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "mf_config": args.mf_config,
         "standard_steps": fm_steps,
         "meanflow_steps": mf_steps,
+        "reflow_config": args.reflow_config if args.reflow_steps else None,
+        "reflow_steps": args.reflow_steps,
         "threads": args.threads,
         "num_samples": n,
         "probe": probe,

@@ -69,6 +69,7 @@ def docs_workdir(tmp_path_factory) -> Path:
     * ``runs/quickstart/pipeline``: the quickstart config (a smaller MLP) trained for 2 steps;
     * ``runs/nft_digits/pipeline``: a copy of it (a fine-tuned pipeline has the same layout);
     * ``runs/meanflow_digits/pipeline``: the MeanFlow config (the same smaller MLP) trained for 2 steps;
+    * ``runs/reflow_digits/pipeline``: the reflow config on that quickstart stand-in (64 pairs), 2 steps;
     * ``runs/noprop_dt_digits/classifier``, ``runs/noprop_ct_digits/classifier``: small, untrained
       NoProp classifiers of each variant, saved;
     * ``runs/reversal_jepa/model`` (+ ``model/data``): the reversal_jepa config on 120 entities, 2 steps.
@@ -82,6 +83,8 @@ def docs_workdir(tmp_path_factory) -> Path:
     shutil.copytree(runs / "quickstart" / "pipeline", runs / "nft_digits" / "pipeline")
     _train("meanflow_digits.yaml", runs / "meanflow_digits", "train.max_steps=2", "train.warmup_steps=1", "model.hidden_dim=64",
            "model.depth=2", "eval.enabled=false", "sample.every=0", "train.checkpoint_every=0")
+    _train("reflow_digits.yaml", runs / "reflow_digits", f"reflow.teacher={runs / 'quickstart' / 'pipeline'}", "reflow.num_pairs=64",
+           "train.max_steps=2", "train.warmup_steps=1", "eval.enabled=false", "sample.every=0", "train.checkpoint_every=0")
     for variant, extra in (("dt", {"num_blocks": 3}), ("ct", {"embedding": "prototype", "inference_steps": 3})):
         torch.manual_seed(0)
         NoPropClassifier(variant=variant, hidden_dim=16, channels=(4, 8), time_embed_dim=8, **extra).save_pretrained(

@@ -16,6 +16,8 @@ registered the same way, with :func:`flowlab.train.registry.register_recipe`.
 recipe             sections (besides train, hub)   class
 =================  ==============================  ==============================================
 flow_matching      data, model, flow, sample, eval recipes.flow_matching.recipe.FlowMatchingRecipe
+meanflow           flow_matching's + meanflow      recipes.meanflow.recipe.MeanFlowRecipe
+reflow             flow_matching's + reflow        recipes.reflow.recipe.ReflowRecipe
 noprop             data, model, noprop, ...        noprop.recipe.NoPropRecipe
 nft / flowgrpo     rl, nft (+ flow) / rl, grpo     nft.recipe.NFTRecipe / FlowGRPORecipe
 reversal_ar/jepa   reversal                        jepa.recipe.ReversalARRecipe / ReversalJEPARecipe
@@ -32,6 +34,7 @@ from ..train.registry import RECIPES, recipe_class, register_recipe
 from .flow_matching.config import DATA_CONFIG, MODEL_CONFIG, FlowConfig
 from .flow_matching.config import SECTIONS as _FLOW_MATCHING_SECTIONS
 from .meanflow.config import SECTIONS as _MEANFLOW_SECTIONS
+from .reflow.config import SECTIONS as _REFLOW_SECTIONS
 from .chain_config import ChainConfig
 from .reversal_config import ReversalConfig
 
@@ -48,6 +51,12 @@ def _meanflow():
     from .meanflow.recipe import MeanFlowRecipe
 
     return MeanFlowRecipe
+
+
+def _reflow():
+    from .reflow.recipe import ReflowRecipe
+
+    return ReflowRecipe
 
 
 def _noprop():
@@ -84,6 +93,7 @@ def _reversal_jepa():
 # where a recipe does not extend them).
 register_recipe("flow_matching", _FLOW_MATCHING_SECTIONS, _flow_matching)
 register_recipe("meanflow", _MEANFLOW_SECTIONS, _meanflow)
+register_recipe("reflow", _REFLOW_SECTIONS, _reflow)
 register_recipe("noprop", {"data": DATA_CONFIG, "model": MODEL_CONFIG, "noprop": NoPropConfig}, _noprop)
 register_recipe("nft", {"rl": RL_CONFIG, "nft": NFTConfig, "flow": FlowConfig}, _nft)
 register_recipe("flowgrpo", {"rl": RL_CONFIG, "grpo": GRPOConfig}, _flowgrpo)
