@@ -51,6 +51,16 @@ def _flowlab_cache(tmp_path_factory):
     os.environ.setdefault("FLOWLAB_CACHE", str(tmp_path_factory.mktemp("flowlab_cache")))
 
 
+def load_eval_script(name):
+    """``eval/<name>.py`` imported as a module (the eval scripts are standalone files, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"flowlab_eval_{name}", os.path.join(ROOT, "eval", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def run_checked(cmd, env=None):
     """Run ``cmd`` in the repository root; fail the test with its output if it fails. Returns stdout+stderr."""
     import subprocess

@@ -1,20 +1,15 @@
 """Smoke test of eval/bench_core.py: a tiny ``--quick`` run returns and writes the JSON report with
 finite values. Timings are not asserted (the machine is shared and noisy)."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import torch
 
-from conftest import ROOT
+from conftest import load_eval_script
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("flowlab_eval_bench_core", Path(ROOT) / "eval" / "bench_core.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_eval_script("bench_core")
 
 
 def _finite(x):

@@ -2,19 +2,14 @@
 every cell from the same noise, and the JSON holds the targets and, for a MeanFlow config that learns
 guidance, the standard model's Euler-32 at the same sampling-time guidance scale. FDs and timings of the
 tiny models are not asserted (they are meaningless at this size)."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
-from conftest import ROOT
+from conftest import load_eval_script
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("flowlab_eval_bench_meanflow", Path(ROOT) / "eval" / "bench_meanflow.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_eval_script("bench_meanflow")
 
 
 def test_bench_meanflow_quick_json(tmp_path):

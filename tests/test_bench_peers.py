@@ -2,25 +2,20 @@
 (``pip install -e '.[peers]'``): the JSON layout, flowlab's samples equal to flow_matching's at equal
 NFE on the same grid, the exact likelihoods agreeing, and the OT-CFM training figures. Timings are
 not asserted (the machine is shared and noisy)."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import load_eval_script
 
 pytest.importorskip("flow_matching.solver")
 pytest.importorskip("torchcfm.conditional_flow_matching")
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("flowlab_eval_bench_peers", Path(ROOT) / "eval" / "bench_peers.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_eval_script("bench_peers")
 
 
 def _pos(x):

@@ -1,7 +1,6 @@
 """eval/gpu_sd35.py: the SD3.5-Medium config, the NFT step it times, and its --tiny run on the CPU."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_eval_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "eval" / "gpu_sd35.py"
@@ -17,10 +17,7 @@ SCRIPT = REPO / "eval" / "gpu_sd35.py"
 
 @pytest.fixture(scope="module")
 def mod():
-    spec = importlib.util.spec_from_file_location("gpu_sd35", SCRIPT)
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
-    return m
+    return load_eval_script("gpu_sd35")
 
 
 def test_sd35_medium_config_is_the_released_one(mod):

@@ -1,20 +1,15 @@
 """eval/noprop.py: the runs are interleaved seed by seed, and the JSON's DT-vs-back-prop figures (accuracy
 difference, wall / CPU time ratios of the means, per-pair ratios) are computed from the per-seed runs."""
-import importlib.util
 import json
 import math
-import os
 
 import pytest
 
-from conftest import ROOT
+from conftest import load_eval_script
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("eval_noprop", os.path.join(ROOT, "eval", "noprop.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_eval_script("noprop")
 
 
 def _run(acc, seconds, cpu, peak=None):

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import load_eval_script
 from helpers_sd3 import write_tiny_sd3
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,11 +107,7 @@ def test_run_folder_matches_base_plus_lora(tiny):
 
 def test_category_tally_weights_by_count():
     """GenEval's per-batch per-category accuracies combine into count-weighted accuracies."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("t2i_eval", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_eval_script("t2i")
     tally = mod.CategoryTally()
     tally.add({"mean": 0.5, "colors/count": 2, "colors/strict_accuracy": 0.5, "colors/accuracy": 1.0})
     tally.add({"colors/count": 1, "colors/strict_accuracy": 1.0, "colors/accuracy": 1.0,

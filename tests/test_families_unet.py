@@ -8,7 +8,6 @@ conditioning, the LoRA round trip through ``StableDiffusionPipeline`` / ``Stable
 load_lora_weights``, and WGF from the Python API (``ProbabilityFlow.from_family``: sampling,
 likelihood, conservativity report) and from the CLI (``eval/conservativity.py --config``).
 """
-import importlib.util
 import os
 import sys
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import ROOT, run_checked  # noqa: E402
+from conftest import ROOT, load_eval_script, run_checked  # noqa: E402
 from helpers_sd_unet import write_tiny_sd, write_tiny_sdxl  # noqa: E402
 
 from flowlab.families import UNetAdapter  # noqa: E402
@@ -208,9 +207,7 @@ def test_wgf_sampling_likelihood_and_conservativity_on_a_text_conditioned_unet(t
 
 
 def test_conservativity_cli_with_the_wgf_sd15_config_file(tiny, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("conservativity", os.path.join(ROOT, "eval", "conservativity.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_eval_script("conservativity")
     config = os.path.join(ROOT, "configs", "wgf", "sd15.yaml")
     res = mod.main(["--config", config, "--pipeline", tiny, "--resolution", "8", "--num-bins", "1", "--num-points", "2",
                     "--num-samples", "2", "--sample-steps", "2", "--num-probes", "1", "--no-plots",

@@ -1,13 +1,13 @@
 """Forward-chaining data (flowlab.data.forward_chaining), the ``chain:`` recipe setting and eval/forward_chaining.py."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from collections import Counter
 
 import pytest
 import torch
+from conftest import load_eval_script
 
 from flowlab.data.base import DataError
 from flowlab.data.forward_chaining import (
@@ -168,10 +168,7 @@ TINY = ["chain.modulus=11", "chain.addend_max=3", "chain.core_multiplicity=2", "
 
 
 def _eval_script():
-    spec = importlib.util.spec_from_file_location("eval_forward_chaining", os.path.join(ROOT, "eval", "forward_chaining.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_eval_script("forward_chaining")
 
 
 def test_tiny_end_to_end_both_models_and_eval_json(tmp_path):

@@ -3,14 +3,13 @@ against brute force, the JEPA loss and memory, save/load round trips, ``answer()
 ``train.py`` with exact resume, and two CPU processes matching one."""
 import json
 import math
-import os
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, launch_two_cpu_processes, run_checked
+from conftest import launch_two_cpu_processes, load_eval_script, run_checked
 from flowlab.data.reversal import ReversalSpec, generate_reversal_data
 from flowlab.jepa import JEPAConceptModel, JEPAConfig, ReversalGPT2, ReversalGPT2Config, ranking_metrics
 from flowlab.jepa.metrics import gold_ranks
@@ -326,11 +325,7 @@ def test_cli_training_resumes_exactly(tmp_path):
     assert len(model.answer(data.entity_name(f.head), data.relation_names[f.relation], top_k=4)) == 4
     assert evaluate_reversal(model, data, 20)["reverse"] == pytest.approx(final["eval/reverse"])
     # eval/reversal.py --runs reads the run back and writes the benchmark's JSON
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("eval_reversal", os.path.join(ROOT, "eval", "reversal.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_eval_script("reversal")
     assert bench.main(["--runs", str(part), "--max-queries", "20", "--json", str(tmp_path / "r.json")]) == 0
     res = json.loads((tmp_path / "r.json").read_text())
     assert list(res) == ["jepa_memory"]

@@ -161,14 +161,11 @@ def test_bad_binding_is_named():
 def test_benchmark_facts_per_entity_setting(tmp_path):
     """``eval/reversal.py --facts-per-entity F``: F facts, F times the steps, (entity, role) concepts for the JEPA models
     only; a real (tiny) training run through it reads back the facts per entity from the saved data."""
-    import importlib.util
     import os
 
-    from conftest import ROOT
+    from conftest import load_eval_script
 
-    spec = importlib.util.spec_from_file_location("eval_reversal", os.path.join(ROOT, "eval", "reversal.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_eval_script("reversal")
     assert bench.facts_overrides("ar", 4, 1000) == ["reversal.facts_per_entity=4", "train.max_steps=4000"]
     assert bench.facts_overrides("jepa_memory", 2, 1000) == [
         "reversal.facts_per_entity=2", "train.max_steps=2000", "reversal.binding=relation"]

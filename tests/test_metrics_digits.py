@@ -2,7 +2,6 @@
 eval/digits.py CLI. The classifier is trained once per session into a temporary cache."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import load_eval_script
 from flowlab.data.digits import load_digits_arrays, to_unit_range
 from flowlab.metrics import classifier as C
 from flowlab.metrics import digits as D
@@ -245,10 +245,7 @@ def test_training_deterministic_and_leaves_global_state():
 
 
 def _load_cli():
-    spec = importlib.util.spec_from_file_location("flowlab_eval_digits_cli", REPO / "eval" / "digits.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_eval_script("digits")
 
 
 def test_cli_real_test_json(evaluator, cache_dir, tmp_path, capsys):

@@ -201,16 +201,13 @@ def test_config_errors_name_the_key(teacher, tmp_path):
 def test_bench_meanflow_reflow_route(tmp_path):
     """``eval/bench_meanflow.py --reflow-steps``: the student of each seed's standard model is scored at Euler-1/2/32 in
     the same JSON, with its extra cost (pairs + training CPU-s). FDs of the tiny models are not asserted."""
-    import importlib.util
     import json
     import math
     from pathlib import Path
 
-    from conftest import ROOT
+    from conftest import load_eval_script
 
-    spec = importlib.util.spec_from_file_location("flowlab_eval_bench_meanflow_reflow", Path(ROOT) / "eval" / "bench_meanflow.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_eval_script("bench_meanflow")
     out = tmp_path / "mf.json"
     bench.main(["--quick", "--seeds", "0", "--num-samples", "100", "--probe-steps", "2", "--probe-repeats", "1", "--reflow-steps", "4",
                 "--workdir", str(tmp_path / "runs"), "--json", str(out)])

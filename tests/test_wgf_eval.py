@@ -1,5 +1,4 @@
 """eval/conservativity.py and eval/bench_wgf.py, run small."""
-import importlib.util
 import json
 import os
 
@@ -7,18 +6,10 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from conftest import load_eval_script
 from flowlab.models import MLPVelocity
 from flowlab.pipelines import FlowPipeline, FlowScheduler
 from flowlab.wgf import WGFPipeline
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "eval", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_conservativity_script_on_a_2d_flow_pipeline(tmp_path, capsys):
@@ -28,7 +19,7 @@ def test_conservativity_script_on_a_2d_flow_pipeline(tmp_path, capsys):
     for p in model.parameters():
         p.data += 0.2 * torch.randn_like(p)
     FlowPipeline(velocity_model=model, scheduler=FlowScheduler()).save_pretrained(tmp_path / "pipe")
-    res = _load("conservativity").main(
+    res = load_eval_script("conservativity").main(
         ["--pipeline", str(tmp_path / "pipe"), "--out", str(tmp_path / "plots"), "--json", str(tmp_path / "c.json"),
          "--num-bins", "2", "--num-points", "8", "--num-samples", "32", "--sample-steps", "2"]
     )
@@ -47,14 +38,14 @@ def test_conservativity_script_on_a_ddpm_unet(tmp_path, capsys):
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
     WGFPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(tmp_path / "ddpm")
-    res = _load("conservativity").main(
+    res = load_eval_script("conservativity").main(
         ["--pipeline", str(tmp_path / "ddpm"), "--out", str(tmp_path / "plots"), "--num-bins", "2", "--num-points", "4",
          "--num-samples", "8", "--sample-steps", "2", "--solver", "multistep", "--field", "epsilon"]
     )
     assert "2 probes" not in capsys.readouterr().out  # 64 dims: exact Jacobian by default
     assert res["bins"][0]["asymmetry"]["method"] == "exact" and res["bins"][0]["asymmetry"]["mean"] > 0
     assert not (tmp_path / "plots" / "quiver_curl.png").exists()  # not a 2-D model
-    res = _load("conservativity").main(
+    res = load_eval_script("conservativity").main(
         ["--pipeline", str(tmp_path / "ddpm"), "--no-plots", "--num-bins", "1", "--num-points", "4", "--num-samples", "8",
          "--sample-steps", "2", "--num-probes", "3"]
     )
@@ -62,7 +53,7 @@ def test_conservativity_script_on_a_ddpm_unet(tmp_path, capsys):
 
 
 def test_bench_wgf_quick_writes_every_field(tmp_path):
-    res = _load("bench_wgf").main(["--quick", "--datasets", "toy", "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "b.json")])
+    res = load_eval_script("bench_wgf").main(["--quick", "--datasets", "toy", "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "b.json")])
     saved = json.load(open(tmp_path / "b.json"))
     for label in ("free", "conservative"):
         r = saved["toy"][label]
