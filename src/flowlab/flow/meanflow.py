@@ -173,11 +173,13 @@ class MeanFlowGuidance:
     ) -> Tensor:
         """``v_g`` ``(B, ...)``, graph-free. ``per_sample[0]`` holds the class labels ``(B,)`` after label dropout;
         ``u`` is the model's (detached) output at ``(x_t, t, r)``: at ``r = t`` it is ``u(x_t, t, t | y)`` already."""
+        if not self.active:
+            return v
         if not per_sample or per_sample[0] is None:
             raise ValueError("MeanFlowGuidance needs the class labels as the first per-sample input (a class-conditional model)")
         labels = per_sample[0]
         kept = (labels != self.null_label).nonzero().squeeze(1)
-        if not self.active or kept.numel() == 0:
+        if kept.numel() == 0:
             return v
         x, tt, vv = x_t[kept], t[kept], v[kept]
         rest = tuple(_take(c, kept) for c in per_sample[1:])
@@ -231,25 +233,25 @@ def meanflow_prediction_and_target(
         ``(u, u_tgt)``, ``(B, ...)`` each: ``u`` with its graph, ``u_tgt`` detached.
     """
     u = u_fn(x_t, t, r, *per_sample)
-    if guidance is not None and guidance.active:
+    if guidance is not None:
         v = guidance.velocity(u_fn, x_t, t, r, v, per_sample, u.detach())
-    target = v.detach().clone()
     distinct = r != t
-    if bool(distinct.any()):
-        idx = None if bool(distinct.all()) else distinct.nonzero().squeeze(1)
-        x, tt, rr, vv = _take(x_t, idx), _take(t, idx), _take(r, idx), _take(v, idx)
-        extra = tuple(_take(c, idx) for c in per_sample)
-        with torch.no_grad():
-            if jvp_fn is not None:
-                _, du_dt = jvp_fn(x, tt, rr, vv, *extra)
-            else:
-                _, du_dt = torch.func.jvp(lambda x_, t_: u_fn(x_, t_, rr, *extra), (x, tt), (vv, torch.ones_like(tt)))
-            tgt = vv + expand_like(rr - tt, vv) * du_dt.to(vv.dtype)
-        if idx is None:
-            target = tgt
+    if not bool(distinct.any()):
+        return u, v.detach()
+    idx = None if bool(distinct.all()) else distinct.nonzero().squeeze(1)
+    x, tt, rr, vv = _take(x_t, idx), _take(t, idx), _take(r, idx), _take(v, idx)
+    extra = tuple(_take(c, idx) for c in per_sample)
+    with torch.no_grad():
+        if jvp_fn is not None:
+            _, du_dt = jvp_fn(x, tt, rr, vv, *extra)
         else:
-            target[idx] = tgt
-    return u, target.detach()
+            _, du_dt = torch.func.jvp(lambda x_, t_: u_fn(x_, t_, rr, *extra), (x, tt), (vv, torch.ones_like(tt)))
+        tgt = vv + expand_like(rr - tt, vv) * du_dt.to(vv.dtype)
+    if idx is None:
+        return u, tgt
+    target = v.detach().clone()
+    target[idx] = tgt
+    return u, target
 
 
 def sample_time_pairs(

@@ -15,16 +15,21 @@ from diffusers import ModelMixin  # noqa: F401  (diffusers' loader looks for it 
 from diffusers.loaders import PeftAdapterMixin
 from torch import Tensor, nn
 
-__all__ = ["sinusoidal_embedding", "VelocityModelMixin", "set_attention_backend", "ATTENTION_BACKENDS"]
+__all__ = ["sinusoidal_embedding", "sinusoidal_frequencies", "VelocityModelMixin", "set_attention_backend", "ATTENTION_BACKENDS"]
 
 ATTENTION_BACKENDS = ("sdpa", "xformers")
 
 
-def sinusoidal_embedding(t: Tensor, dim: int, scale: float = 1000.0) -> Tensor:
-    """Transformer-style sinusoidal features of ``scale * t``; shape ``(B, dim)``."""
+def sinusoidal_frequencies(dim: int, device=None) -> Tensor:
+    """The ``dim // 2`` frequencies ``10000^(-k / (dim // 2))`` of :func:`sinusoidal_embedding`, float32."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = scale * t.float()[:, None] * freqs[None]
+    return torch.exp(-math.log(10000.0) * torch.arange(half, device=device, dtype=torch.float32) / half)
+
+
+def sinusoidal_embedding(t: Tensor, dim: int, scale: float = 1000.0) -> Tensor:
+    """Transformer-style sinusoidal features of ``scale * t``: ``[cos(a), sin(a)]`` with
+    ``a = scale * t * sinusoidal_frequencies(dim)`` (a zero column appended for odd ``dim``); shape ``(B, dim)``."""
+    args = scale * t.float()[:, None] * sinusoidal_frequencies(dim, t.device)[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
     return emb if dim % 2 == 0 else torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=1)
 

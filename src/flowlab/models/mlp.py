@@ -8,7 +8,7 @@ from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import Tensor, nn
 
-from .base import VelocityModelMixin, sinusoidal_embedding
+from .base import VelocityModelMixin, sinusoidal_embedding, sinusoidal_frequencies
 
 __all__ = ["MLPVelocity"]
 
@@ -41,8 +41,7 @@ def _sinusoidal_jvp(t: Tensor, dt: Tensor, dim: int, scale: float) -> tuple[Tens
     """:func:`sinusoidal_embedding` of ``t`` and its tangent along ``dt`` (``d cos a = -sin a da``, ``d sin a = cos a da``)."""
     emb = sinusoidal_embedding(t, dim, scale)
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    da = scale * dt.float()[:, None] * freqs[None]
+    da = scale * dt.float()[:, None] * sinusoidal_frequencies(dim, t.device)[None]
     cos, sin = emb[:, :half], emb[:, half : 2 * half]
     demb = torch.cat([-sin * da, cos * da], dim=1)
     return emb, demb if dim % 2 == 0 else torch.cat([demb, torch.zeros_like(demb[:, :1])], dim=1)

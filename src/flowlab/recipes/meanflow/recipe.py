@@ -21,7 +21,9 @@ __all__ = ["MeanFlowRecipe"]
 
 
 def _bare(model):
-    """The network inside DDP / FSDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    """The network inside DDP / FSDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers. Not accelerate's
+    ``extract_model_from_parallel``: it runs every training step here, and that one searches the file system for
+    DeepSpeed on each call (the per-step cost the trainer stopped paying by unwrapping once)."""
     while True:
         inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
         if inner is None:
