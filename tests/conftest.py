@@ -61,13 +61,44 @@ def load_eval_script(name):
     return mod
 
 
-def run_checked(cmd, env=None):
-    """Run ``cmd`` in the repository root; fail the test with its output if it fails. Returns stdout+stderr."""
-    import subprocess
+def _signal_group(pgid, sig):
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:  # nothing left in the group
+        pass
 
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res.stdout + res.stderr
+
+def run_checked(cmd, env=None, timeout=300):
+    """Run ``cmd`` in the repository root; fail the test with its output if it fails or runs past
+    ``timeout`` seconds. Returns its output (stdout and stderr, interleaved).
+
+    The command runs in a session of its own, and every process left in it is killed when it ends, so a
+    launcher's worker can never outlive the test. On a timeout each Python process of the session first
+    prints where its threads are (``faulthandler`` on SIGABRT), and the failure shows it.
+    """
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    timed_out = False
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})})
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _signal_group(proc.pid, signal.SIGABRT)
+            time.sleep(3)  # time for every process to write its threads' stacks
+        finally:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+        out.seek(0)
+        log = out.read()
+    assert not timed_out, f"{cmd[:6]}... ran past {timeout} s; where each process was:\n{log[-12000:]}"
+    assert proc.returncode == 0, log[-6000:]
+    return log
 
 
 def launch_two_cpu_processes(*train_args):

@@ -44,7 +44,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """Parse arguments, validate the config and train (then push if ``hub.push``). Returns a process exit code."""
+    """Parse arguments, validate the config and train (then push if ``hub.push``). Returns a process exit code.
+
+    In a process of a multi-process launch (``accelerate launch`` with several processes) a run that
+    ended on every process, finished or stopped by a signal, exits the process here with that code
+    (:func:`flowlab.train.teardown.exit_after_distributed_run`) instead of returning.
+    """
     parser = _parser()
     if prog is not None:
         parser.prog = prog
@@ -55,6 +60,7 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from .errors import CheckpointError, ConfigError, DataError, TrainingError
     from .recipes import load_config, train
     from .train.config import check_hub_config
+    from .train.teardown import exit_after_distributed_run
     from .errors import TrainingInterrupted
 
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
@@ -75,14 +81,12 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except TrainingInterrupted as e:  # SIGINT/SIGTERM: a checkpoint of the last step was saved
         _close_progress_bars()
         print(f"flowlab: {e}", file=sys.stderr)
-        return e.exit_code
+        return exit_after_distributed_run(e.exit_code)
     except KeyboardInterrupt:
         _close_progress_bars()
         print("flowlab: interrupted; resume with train.resume=latest", file=sys.stderr)
         return 130
-    if config.hub.push:
-        return _push_after_training(config)
-    return 0
+    return exit_after_distributed_run(_push_after_training(config) if config.hub.push else 0)
 
 
 def _close_progress_bars() -> None:

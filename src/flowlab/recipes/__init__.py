@@ -111,15 +111,33 @@ def train(config: Config, *, log=print) -> str:
     trained depth first). Returns the run's ``output_dir``.
 
     This is the one place where a run starts another: the engine never trains from inside a recipe.
+    In a multi-process launch the process group is destroyed once the whole chain has ended (or stopped
+    on a signal after its checkpoint), not between its runs.
+
+    Raises:
+        TrainingInterrupted: on SIGINT or SIGTERM, after the running run saved its checkpoint.
     """
+    from ..errors import TrainingInterrupted
+    from ..train.teardown import end_distributed
+
+    try:
+        _train_chain(config, log)
+    except TrainingInterrupted:  # every process agreed to stop: the group is idle and can be destroyed
+        end_distributed()
+        raise
+    end_distributed()
+    return os.fspath(config.output_dir)
+
+
+def _train_chain(config: Config, log) -> None:
     from ..train.trainer import Trainer
 
     recipe = get_recipe(config)
     for pre in recipe.prerequisites():
-        log(f"flowlab: {config.recipe} needs {pre.output_dir} first; training it (recipe {pre.recipe})")
-        train(pre, log=log)
+        if os.environ.get("RANK", "0") == "0":  # once per launch, not once per process
+            log(f"flowlab: {config.recipe} needs {pre.output_dir} first; training it (recipe {pre.recipe})")
+        _train_chain(pre, log)
     Trainer(config, recipe=recipe).train()
-    return os.fspath(config.output_dir)
 
 
 def train_benchmark_runs(configs: dict[str, str], workdir: str, prefix: str, overrides: list[str] = ()) -> dict[str, tuple[str, float]]:

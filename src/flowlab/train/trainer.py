@@ -500,8 +500,15 @@ class Trainer:
                 acc.init_trackers("flowlab", config=_flatten(config_to_dict(cfg)))
             self._loop(step, signals)
         final = self._finish()
-        acc.end_training()
+        self._end_trackers()
         return final
+
+    def _end_trackers(self) -> None:
+        """Close the experiment trackers. The process group stays up: another run may follow in this
+        process (:func:`flowlab.recipes.train` trains a run's prerequisites first), and
+        :func:`flowlab.train.teardown.end_distributed` ends it once, at the end."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
 
     def _loop(self, step: int, signals: StopSignals) -> None:
         """Optimiser steps from ``step`` to ``train.max_steps``, with logging, samples, evaluation and
@@ -620,7 +627,7 @@ class Trainer:
                 saved = self.save_checkpoint(step, window)
             if stop:
                 bar.close()
-                acc.end_training()
+                self._end_trackers()
                 name = signal.Signals(stop).name
                 raise TrainingInterrupted(
                     f"stopped by {name} after step {step} of {t.max_steps}; saved {saved}. "

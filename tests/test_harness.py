@@ -1,0 +1,64 @@
+"""The multi-process test harness (conftest.run_checked): a hung launch fails the test with each process's
+stacks instead of blocking the suite, and no process it started outlives it."""
+import os
+import sys
+import time
+
+import pytest
+
+from conftest import run_checked
+
+# a parent that starts a child (both sleeping in a named function), writes the child's pid, then
+# exits at once ("exit") or hangs ("hang")
+SCRIPT = """
+import os, subprocess, sys, time
+def parent_waits_here():
+    time.sleep(600)
+child = subprocess.Popen([sys.executable, "-c", "import time\\ndef child_waits_here():\\n    time.sleep(600)\\nchild_waits_here()"])
+open(sys.argv[2], "w").write(str(child.pid))
+print("started", flush=True)
+if sys.argv[1] == "hang":
+    parent_waits_here()
+"""
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a killed child not yet reaped by its (dead) parent is a zombie until init reaps it
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def _gone_soon(pid):
+    for _ in range(50):
+        if not _alive(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_hung_command_fails_with_every_process_stacks_and_leaves_nothing(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    t0 = time.monotonic()
+    with pytest.raises(AssertionError) as err:
+        run_checked([sys.executable, "-c", SCRIPT, "hang", str(pid_file)], timeout=5)
+    assert time.monotonic() - t0 < 30
+    message = str(err.value)
+    assert "ran past 5 s" in message and "started" in message
+    assert "parent_waits_here" in message and "child_waits_here" in message  # both processes' stacks
+    assert _gone_soon(int(pid_file.read_text()))
+
+
+def test_a_finished_command_leaves_no_process_behind(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    log = run_checked([sys.executable, "-c", SCRIPT, "exit", str(pid_file)], timeout=60)
+    assert "started" in log
+    assert _gone_soon(int(pid_file.read_text()))
+
+
+def test_a_failing_command_fails_the_test_with_its_output():
+    with pytest.raises(AssertionError, match="no such luck"):
+        run_checked([sys.executable, "-c", "import sys; sys.exit('no such luck')"])
