@@ -1,5 +1,6 @@
 """NoProp-DT block parallelism: 2 gloo CPU processes, each training its own blocks (no gradient
 all-reduce), give exactly the model of one process training all blocks."""
+import json
 import sys
 
 import torch
@@ -22,6 +23,13 @@ def test_two_processes_train_disjoint_blocks_and_match_one(tmp_path):
     w2 = load_file(two / "classifier" / "diffusion_pytorch_model.safetensors")
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4, msg=k)
+    # each block's loss is logged by the process that trains it; the log holds every block's, as one process's does
+    rows1 = [json.loads(x) for x in open(one / "metrics.jsonl") if '"loss"' in x]
+    rows2 = [json.loads(x) for x in open(two / "metrics.jsonl") if '"loss"' in x]
+    keys = ["block_0", "block_1", "block_2", "block_3", "ce", "kl"]
+    assert len(rows1) == len(rows2) == 2 and all(set(keys) <= set(r) for r in rows1 + rows2), (rows1, rows2)
+    for r1, r2 in zip(rows1, rows2):
+        torch.testing.assert_close(torch.tensor([r2[k] for k in keys]), torch.tensor([r1[k] for k in keys]), atol=1e-5, rtol=1e-4)
     # and blocks 2, 3 (trained by process 1 only) really were trained: they moved from their initialisation
     from flowlab.recipes import load_config
     from flowlab.recipes import get_recipe

@@ -66,16 +66,18 @@ class FlowMatchingLoss:
         x_0: Tensor | None = None,
         t: Tensor | None = None,
         generator: torch.Generator | None = None,
+        groups: Tensor | None = None,
     ) -> LossOutput:
         """Loss for data ``x_1`` ``(B, ...)``; noise ``x_0`` and times ``t`` are drawn if not given.
 
-        ``model_fn(x_t, t)`` returns the model's prediction (conditioning already bound).
+        ``model_fn(x_t, t)`` returns the model's prediction (conditioning already bound). ``groups``
+        ``(B,)``: the conditioning of each row (class labels after dropout); the coupling pairs within it.
         """
         if x_0 is None:
             x_0 = torch.randn(x_1.shape, generator=generator, device="cpu" if generator is None else generator.device).to(x_1)
         if t is None:
             t = self.time_sampler.sample(x_1.shape[0], generator).to(x_1.device)
-        x_0, x_1 = self.coupling(x_0, x_1)
+        x_0, x_1 = self.coupling(x_0, x_1, groups)
         s = self.path.sample(x_0, x_1, t.to(x_1.dtype))
         pred = model_fn(s.x_t, s.t)
         per_sample = (pred.float() - self.target(s).float()).pow(2).flatten(1).mean(1)

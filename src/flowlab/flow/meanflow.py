@@ -339,6 +339,7 @@ class MeanFlowLoss:
         generator: torch.Generator | None = None,
         conditioning: tuple[Tensor | None, ...] = (),
         jvp_fn: AverageVelocityJvpFn | None = None,
+        groups: Tensor | None = None,
     ) -> MeanFlowLossOutput:
         """Loss for data ``x_1`` ``(B, ...)``; noise ``x_0`` and times ``t <= r`` ``(B,)`` are drawn if not given.
 
@@ -346,6 +347,7 @@ class MeanFlowLoss:
         per-sample inputs ``(B, ...)`` (class labels, ...; ``None`` passes through), which are split with the
         batch: the JVP runs on the ``r != t`` rows only, without a graph, by ``jvp_fn`` if given
         (:func:`meanflow_prediction_and_target`).
+        ``groups`` ``(B,)``: each row's conditioning (class labels after dropout); the coupling pairs within it.
         The output's ``per_sample`` holds the weighted per-sample losses; the weights are not differentiated.
         """
         if x_0 is None:
@@ -356,7 +358,7 @@ class MeanFlowLoss:
             t, r = self.sample_times(x_1.shape[0], generator).to(x_1.device).unbind(1)
         if bool((r < t).any()):
             raise ValueError("MeanFlowLoss: every pair needs t <= r (flowlab time: the step goes from t towards data at r)")
-        x_0, x_1 = self.coupling(x_0, x_1)
+        x_0, x_1 = self.coupling(x_0, x_1, groups)
         s = self.path.sample(x_0, x_1, t.to(x_1.dtype))
         u, u_tgt = meanflow_prediction_and_target(u_fn, s.x_t, s.t, r.to(x_1.dtype), s.dx_t, tuple(conditioning), jvp_fn, self.guidance)
         sq = (u.float() - u_tgt.float()).pow(2).flatten(1).mean(1)

@@ -65,6 +65,17 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 10_000 else str(n)
 
 
+def _mean_over_processes(logs: dict) -> dict[str, float]:
+    """A recipe's extra logs, each key's mean over the processes that logged it (a collective: every
+    process calls it). Keys may differ between processes (NoProp's block-parallel mode logs each process's
+    own blocks); the main process's keys come first."""
+    from accelerate.utils import gather_object
+
+    per_process = gather_object([{k: float(v) for k, v in logs.items()}])
+    keys = list(dict.fromkeys(k for d in per_process for k in d))
+    return {k: sum(d[k] for d in per_process if k in d) / sum(k in d for d in per_process) for k in keys}
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -606,8 +617,7 @@ class Trainer:
                     "steps_per_sec": window_steps / max(elapsed, 1e-9),
                     "skipped_steps": window_skipped,
                 }
-                for k, v in extra_logs.items():
-                    record[k] = float(v)
+                record.update(_mean_over_processes(extra_logs) if acc.num_processes > 1 else {k: float(v) for k, v in extra_logs.items()})
                 self.run.append_metrics(record)
                 acc.log({k: v for k, v in record.items() if k != "step"}, step=step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")

@@ -144,7 +144,7 @@ class FlowMatchingRecipe(DataSectionRecipe):
     def training_step(self, model, batch, ctx: StepContext) -> StepOutput:
         x1, labels, x0 = self.data_labels_noise(batch, ctx)
         t = ctx.draw(self.loss.time_sampler.sample)
-        out = self.loss(lambda xt, tt: model(xt, tt, labels), x1, x_0=x0, t=t)
+        out = self.loss(lambda xt, tt: model(xt, tt, labels), x1, x_0=x0, t=t, groups=labels)
         return StepOutput(loss=out.loss)
 
     def pipeline(self, model) -> FlowPipeline:

@@ -99,6 +99,6 @@ class MeanFlowRecipe(FlowMatchingRecipe):
         # labels go in as a per-sample input: the loss runs the JVP on the r != t rows only, without a graph
         # (so the bare network's own forward-mode derivative can stand in for torch.func.jvp: nothing to sync)
         out = self.mean_flow_loss(
-            lambda x, tt, rr, y: model(x, tt, y, r=rr), x1, x_0=x0, t=t, r=r, conditioning=(labels,), jvp_fn=_exact_jvp_fn(model)
+            lambda x, tt, rr, y: model(x, tt, y, r=rr), x1, x_0=x0, t=t, r=r, conditioning=(labels,), jvp_fn=_exact_jvp_fn(model), groups=labels
         )
         return StepOutput(loss=out.loss, logs={"mean_flow_mse": out.squared_error.mean()})
