@@ -637,3 +637,25 @@ def test_a_hub_repo_id_still_goes_to_the_hub(tmp_path, monkeypatch):
     assert is_local_reference("./some-model") and is_local_reference("a/b/c") and is_local_reference("bad name")
     (tmp_path / "someone").mkdir()
     assert is_local_reference("someone/some-model")
+
+
+@pytest.mark.parametrize("key", ["model.pretrained", "rl.base", "reflow.teacher"])
+def test_load_flow_pipeline_names_the_key_and_the_problem(tmp_path, key):
+    """The one loader behind model.pretrained, rl.base and reflow.teacher: a pipeline loads; each failure is a
+    ConfigError naming the key, the reference and what is wrong there."""
+    from flowlab.errors import ConfigError
+    from flowlab.pipelines.loading import load_flow_pipeline
+
+    good = tmp_path / "run" / "pipeline"
+    FlowPipeline(MLPVelocity(sample_shape=(2,), hidden_dim=8, depth=1, time_embed_dim=4), FlowScheduler()).save_pretrained(good)
+    assert isinstance(load_flow_pipeline(str(good), key), FlowPipeline)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "model_index.json").write_text("{}")
+    cases = [
+        (tmp_path / "nowhere", r"train it first"),  # a missing local folder: the hint to train it
+        (tmp_path / "junk", r"lacks the key '_class_name'"),
+        (tmp_path / "run", r"training run folder.*pipeline"),  # the run folder, not its pipeline
+    ]
+    for ref, problem in cases:
+        with pytest.raises(ConfigError, match=rf"^{key}: cannot load a FlowPipeline from '{ref}'.*{problem}"):
+            load_flow_pipeline(str(ref), key)

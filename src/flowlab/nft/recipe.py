@@ -243,12 +243,9 @@ class RLRecipe(Recipe):
 
     def _flowlab_policy(self, rl: FlowlabRLConfig) -> Policy:
         """``rl.pipeline: flowlab``: a FlowPipeline's velocity model; ``rl.class_labels`` must be its classes."""
-        from ..pipelines import FlowPipeline
+        from ..pipelines.loading import load_flow_pipeline
 
-        try:
-            pipe = FlowPipeline.from_pretrained(rl.base)
-        except (OSError, ValueError, EnvironmentError) as e:
-            raise ConfigError(f"rl.base: cannot load a FlowPipeline from {rl.base}: {e}") from None
+        pipe = load_flow_pipeline(rl.base, "rl.base")
         net = pipe.velocity_model
         targets = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]  # every linear layer, by full name
         if net.num_classes == 0 and rl.class_labels:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["PIPELINE_INDEX", "is_local_reference", "check_pipeline_folder"]
+__all__ = ["PIPELINE_INDEX", "is_local_reference", "check_pipeline_folder", "load_flow_pipeline"]
 
 PIPELINE_INDEX = "model_index.json"
 
@@ -47,3 +47,28 @@ def check_pipeline_folder(path: str) -> None:
     if os.path.isfile(os.path.join(path, "config.yaml")) or os.path.isdir(run_pipeline):
         raise FileNotFoundError(f"{path!r} is a training run folder, not a pipeline; load {run_pipeline!r}")
     raise FileNotFoundError(f"{path!r} holds no {PIPELINE_INDEX}: it is not a saved pipeline folder")
+
+
+def load_flow_pipeline(reference: str, key: str):
+    """The :class:`~flowlab.pipelines.FlowPipeline` saved at ``reference`` (a pipeline folder or a Hub repo
+    id) that the config key ``key`` names (``model.pretrained``, ``rl.base``, ``reflow.teacher``).
+
+    Raises:
+        ConfigError: naming ``key`` and ``reference``: nothing there (with a hint to train it first when
+            it is a missing local folder), a folder of something else, or a pipeline other than a
+            ``FlowPipeline`` of a flowlab velocity model.
+    """
+    from ..errors import ConfigError
+    from .flow_pipeline import FlowPipeline
+
+    try:
+        pipe = FlowPipeline.from_pretrained(reference)
+    except (OSError, ValueError, KeyError, AttributeError) as e:  # no folder / repo, or a folder of something else
+        path = os.path.expanduser(reference)
+        missing = is_local_reference(path) and not os.path.exists(path)
+        hint = " (train it first, e.g. python train.py --config configs/quickstart.yaml)" if missing else ""
+        detail = f"its model_index.json lacks the key {e} (not a saved pipeline)" if isinstance(e, KeyError) else " ".join(str(e).split())
+        raise ConfigError(f"{key}: cannot load a FlowPipeline from {reference!r}{hint}: {detail}") from None
+    if not isinstance(pipe, FlowPipeline) or not hasattr(pipe.velocity_model, "sample_shape"):
+        raise ConfigError(f"{key}: {reference!r} holds a {type(pipe).__name__}, not a FlowPipeline of a flowlab velocity model")
+    return pipe

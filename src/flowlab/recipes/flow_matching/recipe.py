@@ -9,6 +9,7 @@ from ...flow import FlowMatchingLoss, build_coupling, build_time_sampler, get_pa
 from ...card_data import flow_pipeline_card_data, looks_like_repo_id
 from ...models import MODEL_TYPES, set_attention_backend
 from ...pipelines import FlowPipeline, FlowScheduler
+from ...pipelines.loading import load_flow_pipeline
 from ...train.config import Config
 from ...train.recipe import DataSectionRecipe, StepContext, StepOutput
 
@@ -20,10 +21,7 @@ def build_velocity_model(config: Config, sample_shape: tuple[int, ...], num_clas
     ``mean_flow``: a MeanFlow average-velocity network ``u(x, t, r)`` (``model.type=mlp``)."""
     m = config.model
     if m.pretrained:
-        try:
-            model = FlowPipeline.from_pretrained(m.pretrained).velocity_model
-        except (OSError, ValueError) as e:  # not a folder / repo, or not a FlowPipeline
-            raise ConfigError(f"model.pretrained: cannot load a FlowPipeline from {m.pretrained!r}: {' '.join(str(e).split())}") from None
+        model = load_flow_pipeline(m.pretrained, "model.pretrained").velocity_model
         if tuple(model.sample_shape) != tuple(sample_shape):
             raise ConfigError(f"model.pretrained: {m.pretrained} draws samples of shape {model.sample_shape}, the data has {sample_shape}")
         if bool(getattr(model.config, "mean_flow", False)) != mean_flow:

@@ -22,7 +22,7 @@ from ...data.base import InMemoryDataset
 from ...errors import ConfigError, DataError
 from ...fileio import atomic_path
 from ...pipelines import FlowPipeline
-from ...pipelines.loading import is_local_reference
+from ...pipelines.loading import load_flow_pipeline
 
 __all__ = ["ReflowPairs", "load_teacher", "teacher_fingerprint", "generate_pairs", "load_or_generate_pairs", "PAIRS_FILE"]
 
@@ -64,15 +64,7 @@ def load_teacher(reference: str | None) -> FlowPipeline:
     """
     if not reference:
         raise ConfigError(TEACHER_REQUIRED)
-    try:
-        pipe = FlowPipeline.from_pretrained(reference)
-    except (OSError, ValueError, KeyError, AttributeError) as e:  # no folder / repo, or a folder of something else
-        local = is_local_reference(os.path.expanduser(reference))
-        hint = " (train it first, e.g. python train.py --config configs/quickstart.yaml)" if local and not os.path.exists(os.path.expanduser(reference)) else ""
-        detail = f"its model_index.json lacks the key {e} (not a saved pipeline)" if isinstance(e, KeyError) else " ".join(str(e).split())
-        raise ConfigError(f"reflow.teacher: cannot load a FlowPipeline from {reference!r}{hint}: {detail}") from None
-    if not isinstance(pipe, FlowPipeline) or not hasattr(pipe.velocity_model, "sample_shape"):
-        raise ConfigError(f"reflow.teacher: {reference!r} holds a {type(pipe).__name__}, not a FlowPipeline of a flowlab velocity model")
+    pipe = load_flow_pipeline(reference, "reflow.teacher")
     if pipe.scheduler.config.mean_flow:
         raise ConfigError(f"reflow.teacher: {reference!r} holds a MeanFlow model; reflow distils a velocity model's ODE")
     pipe.set_progress_bar_config(disable=True)
