@@ -597,7 +597,7 @@ def test_the_light_name_lists_match_the_implementations():
     assert tuple(SOLVERS) == SOLVER_NAMES and tuple(TOY2D) == TOY2D_NAMES
 
 
-def test_rl_prerequisite_is_the_base_run_and_the_engine_does_not_train_it(tmp_path):
+def test_rl_prerequisite_is_the_base_run_and_the_engine_does_not_train_it(tmp_path, monkeypatch):
     """A missing rl.base is a prerequisite the top layer trains; a Trainer never trains it from inside."""
     from flowlab.recipes import Trainer, get_recipe
 
@@ -609,8 +609,16 @@ def test_rl_prerequisite_is_the_base_run_and_the_engine_does_not_train_it(tmp_pa
     with pytest.raises(ConfigError, match=r"rl.base: .* does not exist; train it first"):
         Trainer(cfg)
     assert not (tmp_path / "base").exists()
-    not_a_path = load_config(os.path.join(ROOT, "configs", "nft_digits.yaml"), ["rl.base=some-hub-model"])
-    assert get_recipe(not_a_path).prerequisites() == []  # only a local path (with a separator) is trained
+    # a Hub id, with or without an owner, is never trained (it used to be taken for a local folder "someone/")
+    for hub_id in ("some-hub-model", "someone/digits-flow"):
+        not_a_path = load_config(os.path.join(ROOT, "configs", "nft_digits.yaml"), [f"rl.base={hub_id}"])
+        assert get_recipe(not_a_path).prerequisites() == [], hub_id
+    # ...unless its first component is a local folder: then it is a local path, trained there
+    (tmp_path / "someone").mkdir()
+    monkeypatch.chdir(tmp_path)
+    local = load_config(os.path.join(ROOT, "configs", "nft_digits.yaml"),
+                        ["rl.base=someone/digits-flow", f"rl.base_config={os.path.join(ROOT, 'configs', 'quickstart.yaml')}"])
+    assert [p.output_dir for p in get_recipe(local).prerequisites()] == ["someone"]
 
 
 def test_a_section_the_run_ignores_is_refused_and_not_saved(tmp_path):

@@ -159,7 +159,12 @@ def read_card_data(output_dir: str | os.PathLike) -> CardData:
 
 
 def looks_like_repo_id(value: Any) -> bool:
-    """Whether ``value`` is a Hub repo id (``"user/name"``) rather than a local path."""
+    """Whether ``value`` is a Hub repo id (``"name"`` or ``"user/name"``) rather than a local path.
+
+    A local path is one that exists, starts with ``.``, ``/`` or ``~``, is no valid repo id, or whose
+    first component is an existing local folder (``runs/quickstrt`` is a typo of a local path, not the
+    Hub repo ``quickstrt`` of the user ``runs``).
+    """
     if not isinstance(value, str) or not value or os.path.exists(value) or value.startswith((".", "/", "~")):
         return False
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -168,7 +173,7 @@ def looks_like_repo_id(value: Any) -> bool:
         validate_repo_id(value)
     except HFValidationError:
         return False
-    return True
+    return not ("/" in value and os.path.isdir(value.split("/", 1)[0]))
 
 
 def flow_pipeline_card_data(repo_id: str, *, class_labels: Optional[str] = None, images: bool = True) -> dict[str, Any]:

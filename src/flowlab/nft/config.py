@@ -92,9 +92,11 @@ class FlowlabRLConfig(_RLConfig):
         return list(self.class_labels) or [None]
 
     def missing_base_config(self) -> Optional[str]:
+        from ..card_data import looks_like_repo_id
+
         base = self.base
-        if base is None or os.path.exists(base) or not (base.startswith((".", "/")) or os.sep in base):
-            return None  # present, or a Hub id
+        if base is None or os.path.exists(base) or looks_like_repo_id(base):
+            return None  # present, or a Hub id (``owner/name``)
         if not self.base_config:
             raise ConfigError(f"rl.base: {base} does not exist and rl.base_config is not set to train it")
         if not os.path.isfile(self.base_config):

@@ -10,25 +10,17 @@ from __future__ import annotations
 
 import os
 
+from ..card_data import looks_like_repo_id
+
 __all__ = ["PIPELINE_INDEX", "is_local_reference", "check_pipeline_folder", "load_flow_pipeline"]
 
 PIPELINE_INDEX = "model_index.json"
 
 
 def is_local_reference(path: str) -> bool:
-    """Whether ``path`` names a local folder (existing or mistyped) rather than a Hub repo id."""
-    if os.path.exists(path):
-        return True
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(path)
-    except HFValidationError:
-        return True
-    if path.startswith((".", "~")) or os.path.isabs(path):
-        return True
-    head = path.split("/", 1)[0]
-    return "/" in path and os.path.isdir(head)
+    """Whether ``path`` names a local folder (existing or mistyped) rather than a Hub repo id
+    (:func:`flowlab.card_data.looks_like_repo_id`, negated)."""
+    return not looks_like_repo_id(path)
 
 
 def check_pipeline_folder(path: str) -> None:
