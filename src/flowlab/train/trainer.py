@@ -497,6 +497,11 @@ class Trainer:
     def train(self) -> dict:
         """Run training to ``train.max_steps``; returns the final evaluation numbers.
 
+        The process group of a multi-process launch is left up for a run that may follow in the same
+        process; :func:`flowlab.recipes.train` (and so ``train.py``) destroys it once the last run has
+        ended. A script that calls ``Trainer.train`` itself under ``accelerate launch`` ends with
+        :func:`flowlab.train.teardown.end_distributed`.
+
         Raises:
             TrainingInterrupted: on SIGINT or SIGTERM, after a checkpoint of the last whole step was
                 saved (``train.resume=latest`` continues exactly from it).
