@@ -59,3 +59,9 @@ def test_a_prompt_teardown_returns():
     res = _run(HUNG_TEARDOWN.replace("time.sleep(600)", "None"))
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "not reached" and "warning" not in res.stderr
+
+
+def test_a_hung_teardown_after_a_signal_keeps_the_runs_exit_code():
+    res = _run(HUNG_TEARDOWN.replace("end_distributed(timeout_s=1)", "end_distributed(timeout_s=1, exit_code=143)"))
+    assert res.returncode == 143, res.stderr
+    assert "not reached" not in res.stdout

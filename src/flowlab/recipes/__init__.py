@@ -122,8 +122,8 @@ def train(config: Config, *, log=print) -> str:
 
     try:
         _train_chain(config, log)
-    except TrainingInterrupted:  # every process agreed to stop: the group is idle and can be destroyed
-        end_distributed()
+    except TrainingInterrupted as e:  # every process agreed to stop: the group is idle and can be destroyed
+        end_distributed(exit_code=e.exit_code)
         raise
     end_distributed()
     return os.fspath(config.output_dir)

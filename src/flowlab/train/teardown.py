@@ -9,7 +9,8 @@ finished run into a hung or failed job. Two guards:
 
 * :func:`end_distributed` destroys the process group once, after the process's last run (a run's
   prerequisites train in the same process group first), with a watchdog: if the teardown has not
-  returned after ``timeout_s`` seconds, the process says so and exits with status 0, as the run is complete.
+  returned after ``timeout_s`` seconds, the process says so and exits (status 0 for a finished run), as the
+  run's outputs are complete.
 * :func:`exit_after_distributed_run` ends a process of a multi-process launch right after its run,
   with ``os._exit``, once the standard streams and the ``logging`` handlers are flushed, so that no C++
   destructor of the communication backend runs during interpreter shutdown.
@@ -42,12 +43,13 @@ def _flush_and_exit(code: int) -> None:
     os._exit(code)
 
 
-def end_distributed(timeout_s: float = TEARDOWN_TIMEOUT_S) -> None:
+def end_distributed(timeout_s: float = TEARDOWN_TIMEOUT_S, exit_code: int = 0) -> None:
     """Destroy the process group of a multi-process run, bounded in time; nothing in a single process.
 
     Call it once, after the last run of the process has ended on every process (:func:`flowlab.recipes.train`
-    does). A watchdog thread ends this process with status 0 if the teardown has not returned after
-    ``timeout_s`` seconds: by then the run's outputs are complete.
+    does). A watchdog thread ends this process with ``exit_code`` (0 for a finished run; a signal-stopped
+    run's own code) if the teardown has not returned after ``timeout_s`` seconds: by then the run's outputs
+    are complete.
     """
     import torch.distributed as dist
 
@@ -66,7 +68,7 @@ def end_distributed(timeout_s: float = TEARDOWN_TIMEOUT_S) -> None:
                 "complete, so this process exits now",
                 file=sys.stderr,
             )
-            _flush_and_exit(0)
+            _flush_and_exit(exit_code)
 
     threading.Thread(target=watchdog, name="flowlab-teardown-watchdog", daemon=True).start()
     try:
