@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Minibatch OT for a class-conditional model: pairing within each class against pairing across classes.
 
-    OMP_NUM_THREADS=1 python eval/bench_ot_conditional.py --json bench_ot_conditional.json   # 2 seeds, ~20 min
+    OMP_NUM_THREADS=1 python eval/bench_ot_conditional.py --json bench_ot_conditional.json   # 2 seeds, ~15 min
     python eval/bench_ot_conditional.py --quick                                               # tiny, ~1 min
 
 The quickstart (class-conditional digits flow matching) is trained per seed three times, changing only the

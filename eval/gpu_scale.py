@@ -260,6 +260,11 @@ def worker(argv: list[str]) -> None:
     device = trainer.accelerator.device
     rank = trainer.accelerator.process_index
     Path(config.output_dir, f"peak_memory_rank{rank}.json").write_text(json.dumps({"peak_memory_gib": _peak_gib(device)}))
+    trainer.accelerator.wait_for_everyone()
+    from flowlab.train.teardown import end_distributed, exit_after_distributed_run
+
+    end_distributed()  # Trainer.train leaves the process group up; end it once, bounded, and skip the
+    exit_after_distributed_run(0)  # interpreter shutdown where gloo's threads can abort a finished run
 
 
 def main(argv=None) -> int:

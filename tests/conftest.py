@@ -61,38 +61,60 @@ def load_eval_script(name):
     return mod
 
 
-def _signal_group(pgid, sig):
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:  # nothing left in the group
-        pass
+def _tagged_processes(tag):
+    """Pids of the processes whose environment holds ``tag`` (``NAME=value``): everything a command started,
+    whatever session it moved to (torch's launcher puts each worker in a session of its own) and whoever
+    its parent is now."""
+    entry, found = tag.encode(), []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != os.getpid():
+            try:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    if entry in f.read().split(b"\0"):
+                        found.append(int(name))
+            except OSError:  # gone, or not ours to read
+                pass
+    return found
+
+
+def _signal_all(tag, sig):
+    for pid in _tagged_processes(tag):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def run_checked(cmd, env=None, timeout=300):
     """Run ``cmd`` in the repository root; fail the test with its output if it fails or runs past
     ``timeout`` seconds. Returns its output (stdout and stderr, interleaved).
 
-    The command runs in a session of its own, and every process left in it is killed when it ends, so a
-    launcher's worker can never outlive the test. On a timeout each Python process of the session first
-    prints where its threads are (``faulthandler`` on SIGABRT), and the failure shows it.
+    Every process the command starts carries a tag in its environment, and every tagged process still
+    alive when it ends is killed, so a launcher's worker can never outlive the test. On a timeout each
+    Python process first prints where its threads are (``faulthandler`` on SIGABRT), and the failure
+    shows it.
     """
     import signal
     import subprocess
     import tempfile
     import time
+    import uuid
 
+    tag = f"FLOWLAB_TEST_RUN={uuid.uuid4().hex}"
+    name, value = tag.split("=")
     timed_out = False
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                                env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})})
+                                env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {}), name: value})
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
-            _signal_group(proc.pid, signal.SIGABRT)
+            _signal_all(tag, signal.SIGABRT)
             time.sleep(3)  # time for every process to write its threads' stacks
         finally:
-            _signal_group(proc.pid, signal.SIGKILL)
+            _signal_all(tag, signal.SIGKILL)
+            proc.kill()
             proc.wait()
         out.seek(0)
         log = out.read()
@@ -101,9 +123,9 @@ def run_checked(cmd, env=None, timeout=300):
     return log
 
 
-def launch_two_cpu_processes(*train_args):
-    """``train.py`` under ``accelerate launch`` as two gloo processes on the CPU (the form that works
-    without MPI), on a free port. Returns the combined log."""
+def launch_two_cpu_processes(*train_args, script="train.py", timeout=300):
+    """``script`` (``train.py``) under ``accelerate launch`` as two gloo processes on the CPU (the form that
+    works without MPI), on a free port, through :func:`run_checked`. Returns the combined log."""
     import socket
 
     with socket.socket() as s:
@@ -111,6 +133,6 @@ def launch_two_cpu_processes(*train_args):
         port = s.getsockname()[1]
     return run_checked(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), "train.py", *train_args],
-        env={"ACCELERATE_USE_CPU": "1"},
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), script, *train_args],
+        env={"ACCELERATE_USE_CPU": "1"}, timeout=timeout,
     )

@@ -616,9 +616,13 @@ def test_rl_prerequisite_is_the_base_run_and_the_engine_does_not_train_it(tmp_pa
     # ...unless its first component is a local folder: then it is a local path, trained there
     (tmp_path / "someone").mkdir()
     monkeypatch.chdir(tmp_path)
-    local = load_config(os.path.join(ROOT, "configs", "nft_digits.yaml"),
-                        ["rl.base=someone/digits-flow", f"rl.base_config={os.path.join(ROOT, 'configs', 'quickstart.yaml')}"])
+    quickstart = f"rl.base_config={os.path.join(ROOT, 'configs', 'quickstart.yaml')}"
+    local = load_config(os.path.join(ROOT, "configs", "nft_digits.yaml"), ["rl.base=someone/pipeline", quickstart])
     assert [p.output_dir for p in get_recipe(local).prerequisites()] == ["someone"]
+    # a missing local folder that is not a run's pipeline/ folder cannot be what training the base writes
+    misnamed = load_config(os.path.join(ROOT, "configs", "nft_digits.yaml"), [f"rl.base={tmp_path / 'base' / 'model'}", quickstart])
+    with pytest.raises(ConfigError, match=r"rl.base: .*model does not exist; .* so name that folder \(e.g. .*base/pipeline\)"):
+        get_recipe(misnamed).prerequisites()
 
 
 def test_a_section_the_run_ignores_is_refused_and_not_saved(tmp_path):

@@ -123,3 +123,16 @@ def test_the_loss_passes_groups_to_the_coupling():
     FlowMatchingLoss(path=LinearPath(), time_sampler=UniformTimeSampler(), coupling=Recording())(lambda x, t: x, x1, groups=labels)
     MeanFlowLoss(path=LinearPath(), time_sampler=UniformTimeSampler(), coupling=Recording())(lambda x, t, r: x, x1, groups=labels)
     assert len(seen) == 2 and all(s is labels for s in seen)
+
+
+def test_a_coupling_written_before_groups_still_works_without_labels():
+    """A user coupling with the old two-argument ``__call__`` still serves an unconditional loss."""
+    from flowlab.flow import FlowMatchingLoss, LinearPath, UniformTimeSampler
+
+    class Reversed(IndependentCoupling):
+        def __call__(self, x_0, x_1):  # the signature before groups existed
+            return x_0.flip(0), x_1
+
+    x1 = torch.randn(4, 2)
+    out = FlowMatchingLoss(path=LinearPath(), time_sampler=UniformTimeSampler(), coupling=Reversed())(lambda x, t: x, x1)
+    assert torch.isfinite(out.loss)

@@ -6,15 +6,17 @@ import time
 
 import pytest
 
-from conftest import run_checked
+from conftest import launch_two_cpu_processes, run_checked
 
-# a parent that starts a child (both sleeping in a named function), writes the child's pid, then
-# exits at once ("exit") or hangs ("hang")
+# a parent that starts a child in a new session (both sleeping in a named function), writes the child's
+# pid, then exits at once ("exit") or hangs ("hang")
 SCRIPT = """
 import os, subprocess, sys, time
 def parent_waits_here():
     time.sleep(600)
-child = subprocess.Popen([sys.executable, "-c", "import time\\ndef child_waits_here():\\n    time.sleep(600)\\nchild_waits_here()"])
+# a session of its own, as torch's launcher starts its workers: out of reach of the parent's process group
+child = subprocess.Popen([sys.executable, "-c", "import time\\ndef child_waits_here():\\n    time.sleep(600)\\nchild_waits_here()"],
+                         start_new_session=True)
 open(sys.argv[2], "w").write(str(child.pid))
 print("started", flush=True)
 if sys.argv[1] == "hang":
@@ -62,3 +64,21 @@ def test_a_finished_command_leaves_no_process_behind(tmp_path):
 def test_a_failing_command_fails_the_test_with_its_output():
     with pytest.raises(AssertionError, match="no such luck"):
         run_checked([sys.executable, "-c", "import sys; sys.exit('no such luck')"])
+
+
+def test_a_hung_two_process_launch_fails_with_the_workers_stacks_and_kills_them(tmp_path):
+    """The real case: torch's launcher starts each worker in a session of its own. A launch whose workers
+    hang fails with each worker's stack, and neither worker survives."""
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "def worker_waits_here():\n"
+        "    time.sleep(600)\n"
+        "open(os.path.join(sys.argv[1], 'pid.' + os.environ['RANK']), 'w').write(str(os.getpid()))\n"
+        "worker_waits_here()\n"
+    )
+    with pytest.raises(AssertionError) as err:
+        launch_two_cpu_processes(str(tmp_path), script=str(script), timeout=20)
+    assert "ran past 20 s" in str(err.value) and str(err.value).count("worker_waits_here") >= 2  # both workers' stacks
+    pids = [int((tmp_path / f"pid.{rank}").read_text()) for rank in (0, 1)]
+    assert all(_gone_soon(pid) for pid in pids)

@@ -46,9 +46,11 @@ def _parser() -> argparse.ArgumentParser:
 def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Parse arguments, validate the config and train (then push if ``hub.push``). Returns a process exit code.
 
-    In a process of a multi-process launch (``accelerate launch`` with several processes) a run that
-    ended on every process, finished or stopped by a signal, exits the process here with that code
-    (:func:`flowlab.train.teardown.exit_after_distributed_run`) instead of returning.
+    In a process of a multi-process launch (``accelerate launch`` with several processes) the process
+    exits here with that code instead of returning
+    (:func:`flowlab.train.teardown.exit_after_distributed_run`), after the push and after destroying the
+    process group (bounded: :func:`flowlab.train.teardown.end_distributed`) when the run ended on every
+    process, finished or stopped by a signal.
     """
     parser = _parser()
     if prog is not None:
@@ -60,33 +62,38 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from .errors import CheckpointError, ConfigError, DataError, TrainingError
     from .recipes import load_config, train
     from .train.config import check_hub_config
-    from .train.teardown import exit_after_distributed_run
+    from .train.teardown import end_distributed, exit_after_distributed_run
     from .errors import TrainingInterrupted
 
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    # every return below goes through exit_after_distributed_run: in a process of a multi-process launch
+    # it exits here (no interpreter shutdown, where gloo's threads can abort the process)
     try:
         # Validate first (light: no torch, no diffusers), then import the training stack and train,
         # after any run this one needs (e.g. an RL recipe's missing base model).
         config = load_config(args.config, args.overrides)
         check_hub_config(config)
-        train(config)
+        train(config, teardown=False)
     except (ConfigError, DataError, CheckpointError, TrainingError) as e:
         _close_progress_bars()
         print(f"flowlab: error: {e}", file=sys.stderr)
-        return 2
+        return exit_after_distributed_run(2)
     except OSError as e:  # the file system said no (permissions, a full disk, a path that is a file)
         _close_progress_bars()
         print(f"flowlab: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
-        return 2
+        return exit_after_distributed_run(2)
     except TrainingInterrupted as e:  # SIGINT/SIGTERM: a checkpoint of the last step was saved
         _close_progress_bars()
         print(f"flowlab: {e}", file=sys.stderr)
+        end_distributed(exit_code=e.exit_code)
         return exit_after_distributed_run(e.exit_code)
     except KeyboardInterrupt:
         _close_progress_bars()
         print("flowlab: interrupted; resume with train.resume=latest", file=sys.stderr)
-        return 130
-    return exit_after_distributed_run(_push_after_training(config) if config.hub.push else 0)
+        return exit_after_distributed_run(130)
+    code = _push_after_training(config) if config.hub.push else 0  # before the teardown: a hung one cannot skip it
+    end_distributed(exit_code=code)
+    return exit_after_distributed_run(code)
 
 
 def _close_progress_bars() -> None:

@@ -77,7 +77,7 @@ class FlowMatchingLoss:
             x_0 = torch.randn(x_1.shape, generator=generator, device="cpu" if generator is None else generator.device).to(x_1)
         if t is None:
             t = self.time_sampler.sample(x_1.shape[0], generator).to(x_1.device)
-        x_0, x_1 = self.coupling(x_0, x_1, groups)
+        x_0, x_1 = self.coupling(x_0, x_1) if groups is None else self.coupling(x_0, x_1, groups)
         s = self.path.sample(x_0, x_1, t.to(x_1.dtype))
         pred = model_fn(s.x_t, s.t)
         per_sample = (pred.float() - self.target(s).float()).pow(2).flatten(1).mean(1)

@@ -358,7 +358,7 @@ class MeanFlowLoss:
             t, r = self.sample_times(x_1.shape[0], generator).to(x_1.device).unbind(1)
         if bool((r < t).any()):
             raise ValueError("MeanFlowLoss: every pair needs t <= r (flowlab time: the step goes from t towards data at r)")
-        x_0, x_1 = self.coupling(x_0, x_1, groups)
+        x_0, x_1 = self.coupling(x_0, x_1) if groups is None else self.coupling(x_0, x_1, groups)
         s = self.path.sample(x_0, x_1, t.to(x_1.dtype))
         u, u_tgt = meanflow_prediction_and_target(u_fn, s.x_t, s.t, r.to(x_1.dtype), s.dx_t, tuple(conditioning), jvp_fn, self.guidance)
         sq = (u.float() - u_tgt.float()).pow(2).flatten(1).mean(1)

@@ -99,6 +99,11 @@ class FlowlabRLConfig(_RLConfig):
             return None  # present, or a Hub id (``owner/name``)
         if not self.base_config:
             raise ConfigError(f"rl.base: {base} does not exist and rl.base_config is not set to train it")
+        if os.path.basename(os.path.normpath(base)) != "pipeline":
+            raise ConfigError(
+                f"rl.base: {base} does not exist; a base trained from rl.base_config is saved as <its output_dir>/pipeline, "
+                f"so name that folder (e.g. {os.path.join(os.path.dirname(os.path.normpath(base)), 'pipeline')})"
+            )
         if not os.path.isfile(self.base_config):
             raise ConfigError(f"rl.base_config: {self.base_config} is not a file (needed to train the missing base {base})")
         return self.base_config

@@ -106,13 +106,14 @@ def get_recipe(config: Config):
     return recipe_class(config.recipe)(config)
 
 
-def train(config: Config, *, log=print) -> str:
+def train(config: Config, *, log=print, teardown: bool = True) -> str:
     """Train the run ``config``, after the runs it needs (:meth:`~flowlab.train.recipe.Recipe.prerequisites`,
     trained depth first). Returns the run's ``output_dir``.
 
     This is the one place where a run starts another: the engine never trains from inside a recipe.
     In a multi-process launch the process group is destroyed once the whole chain has ended (or stopped
-    on a signal after its checkpoint), not between its runs.
+    on a signal after its checkpoint), not between its runs; with ``teardown=False`` the caller does it
+    (:func:`flowlab.train.teardown.end_distributed`), e.g. after a push to the Hub.
 
     Raises:
         TrainingInterrupted: on SIGINT or SIGTERM, after the running run saved its checkpoint.
@@ -123,9 +124,11 @@ def train(config: Config, *, log=print) -> str:
     try:
         _train_chain(config, log)
     except TrainingInterrupted as e:  # every process agreed to stop: the group is idle and can be destroyed
-        end_distributed(exit_code=e.exit_code)
+        if teardown:
+            end_distributed(exit_code=e.exit_code)
         raise
-    end_distributed()
+    if teardown:
+        end_distributed()
     return os.fspath(config.output_dir)
 
 
