@@ -46,10 +46,10 @@ def test_a_hung_command_fails_with_every_process_stacks_and_leaves_nothing(tmp_p
     pid_file = tmp_path / "child.pid"
     t0 = time.monotonic()
     with pytest.raises(AssertionError) as err:
-        run_checked([sys.executable, "-c", SCRIPT, "hang", str(pid_file)], timeout=5)
-    assert time.monotonic() - t0 < 30
+        run_checked([sys.executable, "-c", SCRIPT, "hang", str(pid_file)], timeout=10)
+    assert time.monotonic() - t0 < 40
     message = str(err.value)
-    assert "ran past 5 s" in message and "started" in message
+    assert "ran past 10 s" in message and "started" in message
     assert "parent_waits_here" in message and "child_waits_here" in message  # both processes' stacks
     assert _gone_soon(int(pid_file.read_text()))
 
@@ -78,7 +78,7 @@ def test_a_hung_two_process_launch_fails_with_the_workers_stacks_and_kills_them(
         "worker_waits_here()\n"
     )
     with pytest.raises(AssertionError) as err:
-        launch_two_cpu_processes(str(tmp_path), script=str(script), timeout=20)
-    assert "ran past 20 s" in str(err.value) and str(err.value).count("worker_waits_here") >= 2  # both workers' stacks
+        launch_two_cpu_processes(str(tmp_path), script=str(script), timeout=40)  # start-up takes seconds on a busy CI
+    assert "ran past 40 s" in str(err.value) and str(err.value).count("worker_waits_here") >= 2  # both workers' stacks
     pids = [int((tmp_path / f"pid.{rank}").read_text()) for rank in (0, 1)]
     assert all(_gone_soon(pid) for pid in pids)
