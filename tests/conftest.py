@@ -100,11 +100,11 @@ def run_checked(cmd, env=None, timeout=300):
     import time
     import uuid
 
-    tag = f"FLOWLAB_TEST_RUN={uuid.uuid4().hex}"
-    name, value = tag.split("=")
+    name, value = "FLOWLAB_TEST_RUN", uuid.uuid4().hex
+    tag = f"{name}={value}"
     timed_out = False
     with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {}), name: value})
         try:
             proc.wait(timeout=timeout)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
 import shutil
 import signal
 import time
@@ -54,6 +53,7 @@ from .interrupt import StopSignals
 from .recipe import Recipe, StepContext
 from .run_folder import RunFolder
 from .strategy import full_tensor, make_strategy
+from .teardown import launched_processes
 
 __all__ = ["Trainer", "TrainingError", "TrainingInterrupted"]
 
@@ -229,7 +229,7 @@ class Trainer:
         self.accelerator = accelerator
         _cache_lomo_probe()
         P = accelerator.num_processes
-        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        world = launched_processes()
         if world > 1 and P == 1:
             raise ConfigError(
                 f"the launcher started {world} processes (WORLD_SIZE={world}) but accelerate set each one up as a "
